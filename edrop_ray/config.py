@@ -1,0 +1,222 @@
+"""Typed, frozen run configuration: YAML files plus ``--set key=value`` overrides, validated.
+
+One flat dataclass keeps ``--set`` simple (``--set population_size=32``). Unknown keys are
+rejected with the list of valid ones; values keep the type of the field they set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+__all__ = ["Config", "load_config", "parse_override", "config_to_dict", "dense_key", "validate"]
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- data and model
+    dataset: str = "digits"
+    data_root: str = "data"
+    download: bool = False
+    input_size: int = 32
+    model: str = "resnet18"
+    small_input: bool = True  # 3x3 stride-1 stem for 28-32 px inputs
+    # --- training
+    epochs: int = 3
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "none"  # none | bf16 (CUDA autocast)
+    channels_last: bool = False
+    # --- population search (EDropout)
+    population_size: int = 16
+    p0: float = 0.5
+    mutation: str = "logical"  # logical | sigmoid
+    F: float = 0.9
+    CR: float = 0.7
+    kappa: float = 10.0
+    sparsity_lambda: float = 0.0
+    target_prune_rate: float | None = None  # hard budget on the kept-unit fraction
+    energy_batch_size: int = 64
+    states_per_pass: int = 0  # candidates per forward pass; 0 = all 2S at once
+    evolve_every: int = 1  # training steps between generations
+    diversity_threshold: float = 0.02
+    patience: int = 30  # freeze when the best state is unchanged this many generations
+    max_generations: int = 0  # 0 = no cap besides the training budget
+    snapshot_every: int = 10  # population snapshots to population.parquet
+    # --- distributed runtime (Ray)
+    backend: str = "local"  # local | ray
+    num_evaluators: int = 0  # 0 = one per GPU, else min(2, CPUs)
+    gpus_per_evaluator: float = 0.0
+    cpus_per_evaluator: float = 1.0
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    weights_every: int = 1  # staleness k: evaluators see weights at most k steps old
+    generation_timeout_s: float = 120.0
+    checkpoint_every: int = 20  # generations between checkpoints; 0 = only at the end
+    ray_address: str = ""  # empty = attach to a running cluster/job, else start a local one
+
+
+_CHOICES = {
+    "device": None,  # validated by pattern below
+    "amp": ("none", "bf16"),
+    "mutation": ("logical", "sigmoid"),
+    "backend": ("local", "ray"),
+    "placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+}
+
+# Fields that change what a dense baseline learns: the key of its cache.
+_DENSE_FIELDS = (
+    "dataset", "data_root", "input_size", "model", "small_input", "epochs", "batch_size",
+    "lr", "momentum", "weight_decay", "seed", "amp", "channels_last",
+)  # fmt: skip
+
+
+def _field_types() -> dict[str, Any]:
+    return {f.name: f.type for f in fields(Config)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Convert ``value`` to the declared type of ``key``; raise UserError when it does not fit."""
+    kind = _field_types()[key]
+    if value is None and "None" in str(kind):
+        return None
+    if isinstance(value, str) and value.lower() in ("null", "none") and "None" in str(kind):
+        return None
+    base = str(kind).split("|")[0].strip()
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value.strip())
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base == "str":
+            if not isinstance(value, str | int | float) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise UserError(f"{key} must be {base}, got {value!r}; e.g. --set {key}={_example(base)}")
+
+
+def _example(base: str) -> str:
+    return {"bool": "true", "int": "3", "float": "0.5"}.get(base, "name")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``key=value`` from ``--set``; the value is read as YAML (so 3, 0.5, true, null)."""
+    if "=" not in text:
+        raise UserError(f"--set needs key=value, got {text!r}; e.g. --set population_size=32")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _check_keys(values: dict[str, Any], source: str) -> None:
+    valid = _field_types()
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise UserError(
+            f"unknown config key {unknown[0]!r} in {source}; valid keys: {', '.join(valid)}"
+        )
+
+
+def validate(cfg: Config) -> Config:
+    """Check ranges and choices; raise UserError naming the key and the fix."""
+    from .data import DATASETS  # local: data imports torchvision, config stays light
+    from .models import MODELS
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UserError(message)
+
+    need(cfg.model in MODELS, f"unknown model {cfg.model!r}; choose one of: {', '.join(MODELS)}")
+    need(
+        cfg.dataset in DATASETS,
+        f"unknown dataset {cfg.dataset!r}; choose one of: {', '.join(DATASETS)}",
+    )
+    need(cfg.population_size >= 4, f"population_size must be >= 4, got {cfg.population_size}")
+    for key in ("F", "CR", "p0"):
+        v = getattr(cfg, key)
+        need(0.0 <= v <= 1.0 and not math.isnan(v), f"{key} must be in [0, 1], got {v}")
+    t = cfg.target_prune_rate
+    need(
+        t is None or (0.0 <= t < 1.0),
+        f"target_prune_rate must be in [0, 1) or null, got {t}",
+    )
+    for key in ("epochs", "batch_size", "eval_batch_size", "energy_batch_size", "evolve_every",
+                "patience", "input_size", "weights_every"):  # fmt: skip
+        need(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
+    for key in ("max_generations", "states_per_pass", "snapshot_every", "checkpoint_every",
+                "num_evaluators"):  # fmt: skip
+        need(getattr(cfg, key) >= 0, f"{key} must be >= 0, got {getattr(cfg, key)}")
+    need(cfg.sparsity_lambda >= 0, f"sparsity_lambda must be >= 0, got {cfg.sparsity_lambda}")
+    need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
+    need(cfg.gpus_per_evaluator >= 0, "gpus_per_evaluator must be >= 0")
+    need(cfg.cpus_per_evaluator > 0, "cpus_per_evaluator must be > 0")
+    for key, choices in _CHOICES.items():
+        if choices:
+            v = getattr(cfg, key)
+            need(v in choices, f"{key} must be one of {', '.join(choices)}, got {v!r}")
+    need(
+        cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
+        f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}",
+    )
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (optional), apply ``key=value`` overrides, validate, return it."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {str(p)!r} not found; pass an existing --config FILE")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {str(p)!r} is not valid YAML: {e}".splitlines()[0]) from e
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file {str(p)!r} must hold a mapping of key: value")
+        _check_keys(loaded, str(p))
+        values.update({k: _coerce(k, v) for k, v in loaded.items()})
+    for text in overrides:
+        key, value = parse_override(text)
+        _check_keys({key: value}, "--set")
+        values[key] = _coerce(key, value)
+    return validate(Config(**values))
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dense_key(cfg: Config) -> str:
+    """Key of the dense baseline's cache: a hash of the fields that change what it learns."""
+    d = {k: getattr(cfg, k) for k in _DENSE_FIELDS}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,79 @@
+"""Energies of many pruning states on one mini-batch, batched into few forward passes.
+
+The energy of a state is the mean cross-entropy of the network with that state applied,
+computed without gradients and with BatchNorm in inference mode (running statistics), so that
+every candidate of a generation is judged on the same batch with the same weights. Optionally
+``sparsity_lambda * kept_fraction(state)`` is added to steer the pruning rate.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .masking import Masker
+
+__all__ = ["compute_energies", "compute_energies_looped"]
+
+
+def _autocast(device: torch.device, amp: str):
+    enabled = amp == "bf16"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@torch.no_grad()
+def compute_energies(
+    model: nn.Module,
+    masker: Masker,
+    states: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    states_per_pass: int = 0,
+    sparsity_lambda: float = 0.0,
+    amp: str = "none",
+) -> torch.Tensor:
+    """Energy of every state on the batch (x, y).
+
+    states: (N, D) bool. x: (B, C, H, W) on the model's device; y: (B,) long.
+    states_per_pass: how many states share one forward pass (their replicas of the batch are
+    stacked); 0 = all N at once. Returns (N,) float32 on the CPU.
+    """
+    was_training = model.training
+    model.eval()
+    n_states, batch = states.shape[0], x.shape[0]
+    per_pass = states_per_pass if states_per_pass > 0 else n_states
+    out = torch.empty(n_states, dtype=torch.float32)
+    try:
+        for start in range(0, n_states, per_pass):
+            chunk = states[start : start + per_pass].to(x.device)
+            k = chunk.shape[0]
+            masker.set_states(chunk)
+            xs = x.repeat(k, *([1] * (x.dim() - 1)))  # (k*B, C, H, W), replica s = state s
+            with _autocast(x.device, amp):
+                logits = model(xs)
+            loss = F.cross_entropy(logits.float(), y.repeat(k), reduction="none")
+            out[start : start + k] = loss.view(k, batch).mean(dim=1).cpu()
+    finally:
+        masker.set_states(None)
+        model.train(was_training)
+    if sparsity_lambda:
+        out += sparsity_lambda * states.float().mean(dim=1).cpu()
+    return out
+
+
+def compute_energies_looped(
+    model: nn.Module,
+    masker: Masker,
+    states: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    sparsity_lambda: float = 0.0,
+    amp: str = "none",
+) -> torch.Tensor:
+    """One forward pass per state: the baseline the batched version is measured against."""
+    return compute_energies(
+        model, masker, states, x, y, states_per_pass=1, sparsity_lambda=sparsity_lambda, amp=amp
+    )

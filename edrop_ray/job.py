@@ -1,0 +1,214 @@
+"""One prune job end to end: data, dense baseline, EDropout, slimming, and every artefact.
+
+This is what ``edrop-ray prune`` and ``edrop-ray resume`` run. The search itself is driven either
+in process (:func:`edrop_ray.loop.run_edropout`) or by the Ray runtime; both write the same run
+directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import store
+from .config import Config, config_to_dict, dense_key, load_config, validate
+from .data import load_datasets
+from .errors import UserError
+from .loop import Learner, resolve_device, run_dense, run_edropout
+from .report import Progress, print_summary, write_plots
+from .search import Search
+from .slim import count_params_macs, kept_per_layer, save_pruned, slim_model
+
+__all__ = ["prune", "resume", "dense_baseline"]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("EDROP_RAY_CACHE", Path.home() / ".cache" / "edrop_ray"))
+
+
+def dense_baseline(cfg: Config, data, device: torch.device) -> dict[str, Any]:
+    """Top-1/Top-5 of the dense model trained with the same budget; cached per config and seed."""
+    path = _cache_dir() / "dense" / f"{dense_key(cfg)}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            pass  # a damaged cache entry is recomputed, never trusted
+    train_set, test_set, info = data
+    t0 = time.perf_counter()
+    learner = Learner(cfg, train_set, info, device)
+    run_dense(learner)
+    result = learner.evaluate(test_set, None)
+    result["wall_s"] = time.perf_counter() - t0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    store.write_json(path, result)
+    return result
+
+
+def _backend_energies(cfg: Config, learner: Learner):
+    """The energies callable of the chosen backend (None = the learner's own, in process)."""
+    if cfg.backend == "local":
+        return None, None
+    from .distributed.runner import start_evaluators  # Ray is imported only when asked for
+
+    pool = start_evaluators(cfg, learner)
+    return pool.energies, pool
+
+
+def prune(cfg: Config, out: str | Path, *, overwrite: bool = False, quiet: bool = False) -> dict:
+    """Run EDropout with ``cfg`` into the folder ``out``; return the report."""
+    data = load_datasets(
+        cfg.dataset,
+        data_root=cfg.data_root,
+        input_size=cfg.input_size,
+        download=cfg.download,
+        seed=cfg.seed,
+    )  # data errors surface here, before anything is written
+    device = resolve_device(cfg.device)
+    run_dir = store.prepare_run_dir(out, overwrite=overwrite)
+    store.write_yaml(run_dir / "config.yaml", config_to_dict(cfg))
+    return _execute(cfg, run_dir, data, device, checkpoint=None, quiet=quiet)
+
+
+def resume(run_dir: str | Path, *, quiet: bool = False) -> dict:
+    """Continue a stopped run from its last checkpoint to the same result as an unbroken run."""
+    path = store.open_run_dir(run_dir)
+    blob = store.load_checkpoint(path)
+    cfg = validate(Config(**blob["config"]))
+    if (path / "report.json").is_file():
+        raise UserError(f"run {str(path)!r} already finished (report.json exists); nothing to resume")
+    data = load_datasets(
+        cfg.dataset,
+        data_root=cfg.data_root,
+        input_size=cfg.input_size,
+        download=cfg.download,
+        seed=cfg.seed,
+    )
+    return _execute(cfg, path, data, resolve_device(cfg.device), checkpoint=blob, quiet=quiet)
+
+
+def _execute(cfg, run_dir: Path, data, device, *, checkpoint: dict | None, quiet: bool) -> dict:
+    train_set, test_set, info = data
+    t0 = time.perf_counter()
+    dense = dense_baseline(cfg, data, device)
+
+    learner = Learner(cfg, train_set, info, device)
+    search = Search(cfg, learner.units.num_units)
+    history: list[dict[str, Any]] = []
+    snapshots: list[dict[str, Any]] = []
+    wall_before = 0.0
+    if checkpoint is not None:
+        learner.load_state_dict(checkpoint["learner"])
+        search.load_state_dict(checkpoint["search"])
+        history = list(checkpoint["history"])
+        snapshots = list(checkpoint["snapshots"])
+        wall_before = float(checkpoint["wall_s"])
+    else:
+        snapshots += store.snapshot_rows(0, search.population.states, search.population.energies)
+
+    def save() -> None:
+        store.write_history(run_dir / "history.parquet", history)
+        store.write_population(run_dir / "population.parquet", snapshots)
+        store.save_checkpoint(
+            run_dir,
+            {
+                "format": "edrop_ray.checkpoint/1",
+                "config": config_to_dict(cfg),
+                "learner": learner.state_dict(),
+                "search": search.state_dict(),
+                "history": history,
+                "snapshots": snapshots,
+                "wall_s": wall_before + time.perf_counter() - t0,
+            },
+        )
+
+    progress = Progress(total=learner.total_steps, start=learner.step, quiet=quiet)
+    t_run = time.perf_counter()
+
+    def on_generation(record: dict[str, Any]) -> None:
+        record["seconds"] = time.perf_counter() - t_run
+        history.append(record)
+        g = record["generation"]
+        if cfg.snapshot_every and (g % cfg.snapshot_every == 0 or record["frozen"]):
+            p = search.population
+            snapshots.extend(store.snapshot_rows(g, p.states, p.energies))
+        progress.generation(record, learner.step)
+
+    energies, pool = _backend_energies(cfg, learner)
+    try:
+        with progress:
+            run_edropout(
+                learner,
+                search,
+                energies=energies,
+                on_generation=on_generation,
+                on_checkpoint=save,
+            )
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    report = _finish(cfg, run_dir, learner, search, test_set, dense, history, snapshots)
+    report["wall_s"] = wall_before + time.perf_counter() - t0
+    store.write_json(run_dir / "report.json", report)
+    (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete: report.json is
+    if not quiet:
+        print_summary(report)
+    return report
+
+
+def _finish(cfg, run_dir, learner, search, test_set, dense, history, snapshots) -> dict:
+    """Evaluate, slim and save the final model; write history, population, mask and plots."""
+    final = search.best.clone()
+    pruned_eval = learner.evaluate(test_set, final)
+    model_cpu = learner.model.to("cpu").float()
+    example = learner.example
+    slim = slim_model(model_cpu, learner.units, final, example)
+    params_dense, macs_dense = count_params_macs(model_cpu, example)
+    params_pruned, macs_pruned = count_params_macs(slim, example)
+    info = learner.info
+    save_pruned(
+        run_dir / "pruned_model.pt",
+        slim,
+        model_name=cfg.model,
+        num_classes=info.num_classes,
+        in_channels=info.in_channels,
+        input_size=cfg.input_size,
+        small_input=cfg.small_input,
+        state=final,
+    )
+    store.save_torch(run_dir / "mask.pt", {"mask": final, "layers": learner.units.layer_of_units()})
+    store.write_history(run_dir / "history.parquet", history)
+    store.write_population(run_dir / "population.parquet", snapshots)
+    write_plots(run_dir, history)
+    return {
+        "dataset": cfg.dataset,
+        "model": cfg.model,
+        "seed": cfg.seed,
+        "backend": cfg.backend,
+        "dense_top1": dense["top1"],
+        "dense_top5": dense["top5"],
+        "pruned_top1": pruned_eval["top1"],
+        "pruned_top5": pruned_eval["top5"],
+        "params_dense": params_dense,
+        "params_pruned": params_pruned,
+        "prune_rate": 1.0 - params_pruned / params_dense,
+        "macs_dense": macs_dense,
+        "macs_pruned": macs_pruned,
+        "kept_units": int(final.sum()),
+        "num_units": int(final.numel()),
+        "kept_per_layer": kept_per_layer(learner.units, final),
+        "generations": search.generation,
+        "converged_at": search.converged_at,
+        "steps": learner.step,
+        "dense_wall_s": dense.get("wall_s"),
+    }
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """The resolved config of an existing run."""
+    return load_config(run_dir / "config.yaml")

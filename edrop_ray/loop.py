@@ -1,0 +1,199 @@
+"""The in-process EDropout run: propose -> energies -> select -> masked training step.
+
+:class:`Learner` owns the model, its optimiser and the data order; :class:`~edrop_ray.search.Search`
+owns the population. :func:`run_edropout` alternates them on one machine; the Ray runtime drives
+the very same two objects from its actors. Everything that can make a run differ (data order,
+energy batches, the population's draws) comes from seeded generators whose state is checkpointed,
+so a resumed run ends where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from .config import Config
+from .data import DataInfo
+from .energy import compute_energies
+from .errors import UserError
+from .masking import Masker
+from .models import build_model, example_input
+from .search import Search
+from .train import build_optimizer, evaluate, train_step
+from .units import discover_units
+
+__all__ = ["Learner", "resolve_device", "fetch_batch", "test_batches", "run_edropout", "run_dense"]
+
+EnergyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for but no CUDA GPU is visible; use --set device=auto")
+    return torch.device(name)
+
+
+def fetch_batch(dataset: Dataset, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples ``idx`` of ``dataset`` as one (x, y) batch."""
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is not None:  # in-memory TensorDataset: index all at once
+        return tensors[0][idx], tensors[1][idx]
+    return default_collate([dataset[int(i)] for i in idx])
+
+
+def test_batches(dataset: Dataset, batch_size: int):
+    """The test set in order, in batches."""
+    n = len(dataset)
+    for start in range(0, n, batch_size):
+        yield fetch_batch(dataset, torch.arange(start, min(start + batch_size, n)))
+
+
+class Learner:
+    """Model, optimiser, masking hooks and the seeded data order of one run."""
+
+    def __init__(self, cfg: Config, train_set: Dataset, info: DataInfo, device: torch.device):
+        self.cfg = cfg
+        self.train_set = train_set
+        self.info = info
+        self.device = device
+        torch.manual_seed(cfg.seed)  # the weights' initialisation
+        model = build_model(
+            cfg.model,
+            num_classes=info.num_classes,
+            in_channels=info.in_channels,
+            small_input=cfg.small_input,
+        )
+        self.example = example_input(info.in_channels, cfg.input_size)
+        self.units = discover_units(model, self.example)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.model = model.to(device=device, memory_format=self.memory_format)
+        self.masker = Masker(self.model, self.units)
+        self.optimizer = build_optimizer(
+            self.model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        self.steps_per_epoch = len(train_set) // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(
+                f"batch_size {cfg.batch_size} is larger than the training set ({len(train_set)}); "
+                "lower --set batch_size"
+            )
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.step = 0
+        self.energy_generator = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        return x, y.to(self.device, non_blocking=True)
+
+    def train_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of training step ``step``: a seeded permutation per epoch, so any step's
+        batch can be found again after a resume."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        perm = torch.randperm(len(self.train_set), generator=g)
+        bs = self.cfg.batch_size
+        return fetch_batch(self.train_set, perm[k * bs : (k + 1) * bs])
+
+    def energy_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fresh random training batch on which one generation is judged (on the device)."""
+        n = min(self.cfg.energy_batch_size, len(self.train_set))
+        idx = torch.randperm(len(self.train_set), generator=self.energy_generator)[:n]
+        return self._to_device(*fetch_batch(self.train_set, idx))
+
+    def energies(self, states: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        return compute_energies(
+            self.model,
+            self.masker,
+            states,
+            x,
+            y,
+            states_per_pass=cfg.states_per_pass,
+            sparsity_lambda=cfg.sparsity_lambda,
+            amp=cfg.amp,
+        )
+
+    def train(self, state: torch.Tensor | None) -> float:
+        """One masked step on the next training batch; raises UserError on a NaN loss."""
+        x, y = self._to_device(*self.train_batch(self.step))
+        loss = train_step(self.model, self.optimizer, self.masker, state, x, y, amp=self.cfg.amp)
+        if not math.isfinite(loss):
+            raise UserError(
+                f"training loss became {loss} at step {self.step}; lower the learning rate "
+                f"(e.g. --set lr={self.cfg.lr / 10:g}); what was saved before is kept"
+            )
+        self.step += 1
+        return loss
+
+    def evaluate(self, test_set: Dataset, state: torch.Tensor | None) -> dict[str, float]:
+        return evaluate(
+            self.model,
+            test_batches(test_set, self.cfg.eval_batch_size),
+            device=self.device,
+            masker=self.masker,
+            state=state,
+            channels_last=self.cfg.channels_last,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "energy_generator": self.energy_generator.get_state(),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.model.load_state_dict(sd["model"])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.step = int(sd["step"])
+        self.energy_generator.set_state(sd["energy_generator"])
+
+
+def run_edropout(
+    learner: Learner,
+    search: Search,
+    *,
+    energies: EnergyFn | None = None,
+    on_generation: Callable[[dict[str, Any]], None] | None = None,
+    on_checkpoint: Callable[[], None] | None = None,
+) -> None:
+    """Alternate generations and masked training steps until the training budget is spent.
+
+    energies: ``(states (N, D), x, y) -> (N,)``; defaults to the learner's own batched energies
+    (the Ray runtime passes its sharded evaluators here). on_generation gets each generation's
+    record; on_checkpoint is called every ``checkpoint_every`` generations' worth of steps.
+    """
+    cfg = learner.cfg
+    energies = energies or learner.energies
+    ckpt_steps = cfg.checkpoint_every * cfg.evolve_every
+    loss = float("nan")
+    while learner.step < learner.total_steps:
+        record = None
+        if not search.frozen and learner.step % cfg.evolve_every == 0:
+            t0 = time.perf_counter()
+            x, y = learner.energy_batch()
+            record = search.select(energies(search.propose(), x, y))
+            record["energy_seconds"] = time.perf_counter() - t0
+        loss = learner.train(search.best)
+        if record is not None:
+            record["step"] = learner.step
+            record["train_loss"] = loss
+            if on_generation is not None:
+                on_generation(record)
+        if on_checkpoint is not None and ckpt_steps and learner.step % ckpt_steps == 0:
+            on_checkpoint()
+
+
+def run_dense(learner: Learner) -> None:
+    """Train the same model for the same budget with no masking: the dense baseline."""
+    while learner.step < learner.total_steps:
+        learner.train(None)

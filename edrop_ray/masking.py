@@ -1,0 +1,84 @@
+"""Apply one or many pruning states to a model with forward hooks, never copying it.
+
+A :class:`Masker` registers one hook per mask point (see :mod:`edrop_ray.units`). With S states
+set, the batch is expected to hold S replicas stacked on the batch axis (S*B samples); replica s
+is multiplied by state s's 0/1 channel mask at every mask point, so S candidates are judged in one
+forward pass. A switched-off channel is exactly zero after its BatchNorm, and therefore gets zero
+gradient in training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .units import Units
+
+__all__ = ["Masker"]
+
+
+class Masker:
+    """Hooks that multiply the output channels of the mask points by the current states.
+
+    With no states set the hooks return at once and the model runs dense.
+    """
+
+    def __init__(self, model: nn.Module, units: Units):
+        self.units = units
+        self._masks: dict[str, torch.Tensor] = {}
+        modules = dict(model.named_modules())
+        self._handles = [
+            modules[name].register_forward_hook(self._make_hook(name))
+            for name in units.mask_points
+        ]
+
+    def _make_hook(self, name: str):
+        def hook(_module: nn.Module, _inputs, out: torch.Tensor):
+            mask = self._masks.get(name)
+            if mask is None:
+                return None
+            n_states = mask.shape[0]
+            # (S*B, C, ...) -> (S, B, C, ...) times (S, 1, C, 1, ...)
+            shaped = out.view(n_states, -1, *out.shape[1:])
+            m = mask.view(n_states, 1, mask.shape[1], *([1] * (out.dim() - 2))).to(out.dtype)
+            if torch.is_grad_enabled():
+                return (shaped * m).view(out.shape)
+            shaped.mul_(m)  # no autograd to protect: save the extra activation-sized tensor
+            return None
+
+        return hook
+
+    def set_states(self, states: torch.Tensor | None) -> None:
+        """Use ``states`` ((S, D) or (D,) bool) for the following forward passes; None = dense."""
+        if states is None:
+            self._masks = {}
+            return
+        if states.dim() == 1:
+            states = states[None]
+        if states.shape[1] != self.units.num_units:
+            raise ValueError(
+                f"state has {states.shape[1]} bits, model has {self.units.num_units} units"
+            )
+        keep = states.float()
+        self._masks = {
+            name: keep[:, unit_of.to(keep.device)] for name, unit_of in self.units.mask_points.items()
+        }
+
+    @contextmanager
+    def applied(self, states: torch.Tensor | None) -> Iterator[None]:
+        """Context manager: ``states`` on inside, dense again after."""
+        self.set_states(states)
+        try:
+            yield
+        finally:
+            self.set_states(None)
+
+    def remove(self) -> None:
+        """Remove the hooks: the model is exactly as it was."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._masks = {}

@@ -1,0 +1,175 @@
+"""Population of binary pruning states and its binary differential evolution (torch only).
+
+The search is functional, in the shape of an ask/tell optimiser: :func:`init_states` makes the
+first population, :func:`ask` proposes one trial per member, the caller computes energies of
+members and trials on the same batch with the same weights, and :func:`tell` keeps the better
+of each pair. Every random draw comes from the one ``torch.Generator`` the caller passes in, so a
+run is reproducible and its state can be checkpointed with ``generator.get_state()``.
+
+Shapes: ``S`` members, ``D`` units; states are ``(S, D)`` bool tensors (True = keep).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "MUTATIONS",
+    "Population",
+    "init_states",
+    "start",
+    "ask",
+    "repair",
+    "tell",
+    "diversity",
+    "kept_fraction",
+]
+
+MUTATIONS = ("logical", "sigmoid")
+
+
+class Population(NamedTuple):
+    """The search state that moves between generations (cheap to pickle).
+
+    states:    (S, D) bool, the members.
+    energies:  (S,) float, each member's energy from the last generation (inf before the first).
+    best:      (D,) bool, the member of lowest energy after the last selection.
+    best_energy: energy of ``best``.
+    unchanged: generations for which ``best`` has not changed.
+    generation: generations done.
+    """
+
+    states: torch.Tensor
+    energies: torch.Tensor
+    best: torch.Tensor
+    best_energy: float
+    unchanged: int
+    generation: int
+
+
+def init_states(*, size: int, num_units: int, p0: float, generator: torch.Generator) -> torch.Tensor:
+    """Draw the first population: each bit keep=1 with probability ``p0``; member 0 all ones.
+
+    Member 0 is the dense network, so the search can never start worse than no pruning.
+    Returns ``(size, num_units)`` bool.
+    """
+    states = torch.rand(size, num_units, generator=generator) < p0
+    states[0] = True
+    return states
+
+
+def _pick_parents(size: int, generator: torch.Generator) -> torch.Tensor:
+    """For each member, three distinct indices a, b, c (they may include the member itself,
+    as the authors' public code allows). Returns ``(size, 3)`` long."""
+    # argsort of uniform noise gives a random permutation per row, vectorised over members.
+    return torch.rand(size, size, generator=generator).argsort(dim=1)[:, :3]
+
+
+def ask(
+    states: torch.Tensor,
+    *,
+    F: float,
+    CR: float,
+    mutation: str = "logical",
+    kappa: float = 10.0,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Propose one trial state per member by binary DE: mutation then binomial crossover.
+
+    ``logical``: where ``u < F`` and ``s_b OR s_c``, the mutant bit is ``NOT s_a``, else ``s_a``.
+    ``sigmoid``: ``v = s_a + F (s_b - s_c)``; bit = 1 with probability ``sigmoid(kappa (v - 0.5))``.
+    Crossover: each trial bit comes from the mutant with probability ``CR``, else from the member.
+
+    states: (S, D) bool. Returns trials (S, D) bool.
+    """
+    size, num_units = states.shape
+    if size < 4:
+        raise ValueError(f"population needs at least 4 members for DE, got {size}")
+    parents = _pick_parents(size, generator)
+    s_a, s_b, s_c = (states[parents[:, k]] for k in range(3))
+    if mutation == "logical":
+        flip = (torch.rand(size, num_units, generator=generator) < F) & (s_b | s_c)
+        mutant = s_a ^ flip
+    elif mutation == "sigmoid":
+        v = s_a.float() + F * (s_b.float() - s_c.float())
+        prob = torch.sigmoid(kappa * (v - 0.5))
+        mutant = torch.rand(size, num_units, generator=generator) < prob
+    else:
+        raise ValueError(f"unknown mutation {mutation!r}; choose one of {MUTATIONS}")
+    take_mutant = torch.rand(size, num_units, generator=generator) < CR
+    return torch.where(take_mutant, mutant, states)
+
+
+def repair(states: torch.Tensor, *, max_kept: int, generator: torch.Generator) -> torch.Tensor:
+    """Switch off random kept units of every state that keeps more than ``max_kept`` units.
+
+    This is the hard budget of ``target_prune_rate``. states: (S, D) bool; returns a new tensor.
+    """
+    kept = states.sum(dim=1)
+    if bool((kept <= max_kept).all()):
+        return states
+    # Random priority for every kept bit; keep the max_kept kept bits of highest priority.
+    priority = torch.rand(states.shape, generator=generator)
+    priority = torch.where(states, priority, torch.full_like(priority, -1.0))
+    order = priority.argsort(dim=1, descending=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(states.shape[1]).expand_as(order).contiguous())
+    return states & (rank < max_kept)
+
+
+def tell(
+    population: Population,
+    trials: torch.Tensor,
+    member_energies: torch.Tensor,
+    trial_energies: torch.Tensor,
+) -> Population:
+    """Greedy selection: a trial replaces its member when its energy is lower or equal.
+
+    Members and trials must have been judged on the same batch with the same weights.
+    trials: (S, D) bool; member_energies, trial_energies: (S,) float.
+    """
+    replace = trial_energies <= member_energies
+    states = torch.where(replace[:, None], trials, population.states)
+    energies = torch.where(replace, trial_energies, member_energies)
+    i = int(torch.argmin(energies))
+    best = states[i].clone()
+    unchanged = population.unchanged + 1 if torch.equal(best, population.best) else 0
+    return Population(
+        states=states,
+        energies=energies,
+        best=best,
+        best_energy=float(energies[i]),
+        unchanged=unchanged,
+        generation=population.generation + 1,
+    )
+
+
+def diversity(states: torch.Tensor) -> float:
+    """Mean pairwise Hamming distance over D, in [0, ~0.5]: 0 when every member is the same.
+
+    Computed from per-bit counts in O(S D): for one bit kept by k of S members the number of
+    differing ordered pairs is 2 k (S - k).
+    """
+    size, num_units = states.shape
+    kept = states.sum(dim=0).double()
+    pairs = size * (size - 1)
+    return float((2 * kept * (size - kept)).sum() / (pairs * num_units))
+
+
+def kept_fraction(states: torch.Tensor) -> torch.Tensor:
+    """Fraction of kept units per state: (S, D) -> (S,) float (or (D,) -> scalar)."""
+    return states.float().mean(dim=-1)
+
+
+def start(states: torch.Tensor) -> Population:
+    """Wrap freshly drawn states as a population that has not been judged yet."""
+    return Population(
+        states=states,
+        energies=torch.full((states.shape[0],), float("inf")),
+        best=states[0].clone(),
+        best_energy=float("inf"),
+        unchanged=0,
+        generation=0,
+    )

@@ -1,0 +1,124 @@
+"""The EDropout search as one stateful object: propose candidates, take energies, converge.
+
+:class:`Search` wraps the functional population steps of :mod:`edrop_ray.population` with the
+run's hyper-parameters, its seeded generator and the convergence rule. It never touches a model:
+whoever owns the weights computes the energies of :meth:`Search.propose`'s candidates and hands
+them to :meth:`Search.select`. The in-process loop and the Ray coordinator both drive it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from . import population as pop
+from .config import Config
+
+__all__ = ["Search"]
+
+
+class Search:
+    """Population, generator and convergence state of one EDropout run."""
+
+    def __init__(self, cfg: Config, num_units: int):
+        self.cfg = cfg
+        self.num_units = num_units
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        states = pop.init_states(
+            size=cfg.population_size, num_units=num_units, p0=cfg.p0, generator=self.generator
+        )
+        self.max_kept = num_units
+        if cfg.target_prune_rate is not None:
+            # at least one unit stays on: an all-off network has no signal to learn from
+            self.max_kept = max(1, math.floor((1.0 - cfg.target_prune_rate) * num_units))
+            states = pop.repair(states, max_kept=self.max_kept, generator=self.generator)
+        self.population = pop.start(states)
+        self.frozen = False
+        self.converged_at: int | None = None
+        self._trials: torch.Tensor | None = None
+
+    @property
+    def best(self) -> torch.Tensor:
+        """(D,) bool: the state training uses now (the final mask once frozen)."""
+        return self.population.best
+
+    @property
+    def generation(self) -> int:
+        return self.population.generation
+
+    def propose(self) -> torch.Tensor:
+        """Members then trials of the next generation: (2S, D) bool, to be judged together."""
+        cfg = self.cfg
+        trials = pop.ask(
+            self.population.states,
+            F=cfg.F,
+            CR=cfg.CR,
+            mutation=cfg.mutation,
+            kappa=cfg.kappa,
+            generator=self.generator,
+        )
+        if self.max_kept < self.num_units:
+            trials = pop.repair(trials, max_kept=self.max_kept, generator=self.generator)
+        self._trials = trials
+        return torch.cat([self.population.states, trials])
+
+    def select(self, energies: torch.Tensor) -> dict[str, Any]:
+        """Take the (2S,) energies of :meth:`propose`'s candidates; selection and convergence.
+
+        Returns this generation's record: best/mean energy, diversity, kept fraction, frozen.
+        """
+        if self._trials is None:
+            raise RuntimeError("select() called without propose()")
+        size = self.cfg.population_size
+        if energies.shape != (2 * size,):
+            raise ValueError(f"expected {2 * size} energies, got {tuple(energies.shape)}")
+        if not bool(torch.isfinite(energies).all()):
+            raise FloatingPointError("an energy is not finite (NaN or inf): the weights diverged")
+        self.population = pop.tell(self.population, self._trials, energies[:size], energies[size:])
+        self._trials = None
+        div = pop.diversity(self.population.states)
+        cfg = self.cfg
+        if div < cfg.diversity_threshold or self.population.unchanged >= cfg.patience:
+            self.frozen = True
+            self.converged_at = self.population.generation
+        if cfg.max_generations and self.population.generation >= cfg.max_generations:
+            self.frozen = True
+        return {
+            "generation": self.population.generation,
+            "best_energy": self.population.best_energy,
+            "mean_energy": float(self.population.energies.mean()),
+            "diversity": div,
+            "kept_fraction": float(self.best.float().mean()),
+            "frozen": self.frozen,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the search exactly (tensors and plain values only)."""
+        p = self.population
+        return {
+            "states": p.states.clone(),
+            "energies": p.energies.clone(),
+            "best": p.best.clone(),
+            "best_energy": p.best_energy,
+            "unchanged": p.unchanged,
+            "generation": p.generation,
+            "generator": self.generator.get_state(),
+            "frozen": self.frozen,
+            "converged_at": -1 if self.converged_at is None else self.converged_at,
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.population = pop.Population(
+            states=sd["states"],
+            energies=sd["energies"],
+            best=sd["best"],
+            best_energy=float(sd["best_energy"]),
+            unchanged=int(sd["unchanged"]),
+            generation=int(sd["generation"]),
+        )
+        self.generator.set_state(sd["generator"])
+        self.frozen = bool(sd["frozen"])
+        self.converged_at = None if int(sd["converged_at"]) < 0 else int(sd["converged_at"])
+        self._trials = None
