@@ -8,18 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from .errors import UserError
 
 __all__ = ["build_parser", "main"]
-
-DEFAULT_CONFIG = "digits_resnet18.yaml"
-
-
-def _configs_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "configs"
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -55,9 +47,8 @@ def _run(args: argparse.Namespace) -> int:
     from .config import load_config
 
     if args.verb == "prune":
+        # no --config: the built-in defaults, which are configs/digits_resnet18.yaml
         config = args.config
-        if config is None:
-            config = _configs_dir() / DEFAULT_CONFIG
         overrides = list(args.overrides)
         if args.backend:
             overrides.append(f"backend={args.backend}")

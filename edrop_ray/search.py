@@ -15,6 +15,7 @@ import torch
 
 from . import population as pop
 from .config import Config
+from .errors import UserError
 
 __all__ = ["Search"]
 
@@ -75,7 +76,10 @@ class Search:
         if energies.shape != (2 * size,):
             raise ValueError(f"expected {2 * size} energies, got {tuple(energies.shape)}")
         if not bool(torch.isfinite(energies).all()):
-            raise FloatingPointError("an energy is not finite (NaN or inf): the weights diverged")
+            raise UserError(
+                f"an energy became {float(energies[~torch.isfinite(energies)][0])} at generation "
+                f"{self.generation}: the weights diverged; lower the learning rate (--set lr=...)"
+            )
         self.population = pop.tell(self.population, self._trials, energies[:size], energies[size:])
         self._trials = None
         div = pop.diversity(self.population.states)

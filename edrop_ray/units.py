@@ -43,11 +43,13 @@ class Units:
     mask_points: module name -> (C,) long tensor giving the unit of each output channel.
                  These are the places where a state is applied: a BatchNorm when one follows the
                  conv (else its shift would switch the channel back on), otherwise the conv/linear.
+    channel_units: the same map for every conv/linear/BN whose output channels are units.
     """
 
     groups: tuple[UnitGroup, ...]
     num_units: int
     mask_points: dict[str, torch.Tensor]
+    channel_units: dict[str, torch.Tensor]
 
     def layer_of_units(self) -> list[str]:
         """Root layer name of every unit, length D."""
@@ -97,7 +99,8 @@ def discover_units(model: nn.Module, example_inputs: torch.Tensor) -> Units:
     graph = build_dependency(model, example_inputs)
 
     groups: list[UnitGroup] = []
-    mask_points: dict[str, torch.Tensor] = {}
+    channel_units: dict[str, torch.Tensor] = {}
+    mask_names: list[str] = []
     offset = 0
     for group in graph.get_all_groups(ignored_layers=[classifier], root_module_types=_PRUNABLE):
         root = group[0].dep.target.module
@@ -110,27 +113,31 @@ def discover_units(model: nn.Module, example_inputs: torch.Tensor) -> Units:
                 continue
             if not isinstance(module, _PRUNABLE + _NORMS):
                 continue
-            layers.append(names[module])
-            # Mask after the norm: a conv feeding a BatchNorm is masked at the BatchNorm.
-            feeds_norm = any(isinstance(out.module, _NORMS) for out in dep.target.outputs)
-            if isinstance(module, _PRUNABLE) and feeds_norm:
-                continue
-            channels = _out_channels(module)
-            unit_of = mask_points.setdefault(
-                names[module], torch.full((channels,), -1, dtype=torch.long)
+            name = names[module]
+            layers.append(name)
+            unit_of = channel_units.setdefault(
+                name, torch.full((_out_channels(module),), -1, dtype=torch.long)
             )
             idxs = torch.as_tensor(item.idxs, dtype=torch.long)
-            roots = torch.as_tensor(item.root_idxs, dtype=torch.long)
             if bool((unit_of[idxs] >= 0).any()):
-                raise ValueError(f"channel of {names[module]} belongs to two coupled groups")
-            unit_of[idxs] = offset + roots
+                raise ValueError(f"channel of {name} belongs to two coupled groups")
+            unit_of[idxs] = offset + torch.as_tensor(item.root_idxs, dtype=torch.long)
+            # Mask after the norm: a conv feeding a BatchNorm is masked at the BatchNorm.
+            feeds_norm = any(isinstance(out.module, _NORMS) for out in dep.target.outputs)
+            if not (isinstance(module, _PRUNABLE) and feeds_norm):
+                mask_names.append(name)
         groups.append(UnitGroup(root=names[root], offset=offset, size=size, layers=tuple(layers)))
         offset += size
 
-    for name, unit_of in mask_points.items():
+    for name, unit_of in channel_units.items():
         if bool((unit_of < 0).any()):
             raise ValueError(f"some output channels of {name} belong to no unit")
-    return Units(groups=tuple(groups), num_units=offset, mask_points=mask_points)
+    return Units(
+        groups=tuple(groups),
+        num_units=offset,
+        mask_points={n: channel_units[n] for n in dict.fromkeys(mask_names)},
+        channel_units=channel_units,
+    )
 
 
 def _out_channels(module: nn.Module) -> int:

@@ -250,6 +250,8 @@ def test_dockerfile_copies_what_the_package_build_needs(
     if isinstance(license_, dict) and "file" in license_:
         needed.add(license_["file"])
     assert needed <= copied, f"Dockerfile does not COPY {sorted(needed - copied)}"
+    missing = sorted(n for n in needed if not (ROOT / n).exists())
+    assert not missing, f"the image build needs {missing}, which the repo does not have"
 
 
 def test_dockerfile_keeps_auth_on(dockerfile: list[tuple[str, str]]) -> None:

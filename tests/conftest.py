@@ -1,0 +1,50 @@
+"""Shared fixtures: the model grid at 32 px and an isolated dense-baseline cache."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Ray 2.60 turns token authentication on for local clusters; the tests' throwaway clusters on
+# 127.0.0.1 turn it off explicitly (deploy manifests keep it on).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from edrop_ray.models import MODELS, build_model  # noqa: E402
+from edrop_ray.units import discover_units  # noqa: E402
+
+GRID = list(MODELS)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    os.environ["EDROP_RAY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+
+
+def randomise_norms(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every BatchNorm non-trivial statistics and affine terms, so a channel that is not
+    masked after its BN would show up as non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g))
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.randn(n, generator=g))
+                m.bias.copy_(torch.randn(n, generator=g))
+
+
+@pytest.fixture(scope="module", params=GRID)
+def grid_model(request):
+    """(name, model, units, example batch) for each model of the grid, 32 px inputs."""
+    name = request.param
+    in_ch = 3 if name == "alexnet" else 1
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=7, in_channels=in_ch)
+    randomise_norms(model)
+    x = torch.randn(2, in_ch, 32, 32, generator=torch.Generator().manual_seed(1))
+    units = discover_units(model, x)
+    return name, model, units, x

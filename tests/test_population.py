@@ -1,0 +1,101 @@
+"""Binary DE invariants: shapes, operators, repair, greedy selection, diversity, seeding."""
+
+import pytest
+import torch
+
+from edrop_ray import population as pop
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_init_member_zero_is_dense_and_p0_is_respected():
+    s = pop.init_states(size=64, num_units=500, p0=0.3, generator=gen())
+    assert s.dtype == torch.bool and s.shape == (64, 500)
+    assert bool(s[0].all())
+    assert abs(float(s[1:].float().mean()) - 0.3) < 0.02
+
+
+def test_parents_are_distinct():
+    parents = pop._pick_parents(10, gen())
+    assert parents.shape == (10, 3)
+    for row in parents.tolist():
+        assert len(set(row)) == 3
+
+
+@pytest.mark.parametrize("mutation", pop.MUTATIONS)
+def test_ask_is_seeded_and_shaped(mutation):
+    s = pop.init_states(size=8, num_units=40, p0=0.5, generator=gen())
+    a = pop.ask(s, F=0.9, CR=0.7, mutation=mutation, generator=gen(5))
+    b = pop.ask(s, F=0.9, CR=0.7, mutation=mutation, generator=gen(5))
+    c = pop.ask(s, F=0.9, CR=0.7, mutation=mutation, generator=gen(6))
+    assert a.dtype == torch.bool and a.shape == s.shape
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_crossover_rate_zero_keeps_members():
+    s = pop.init_states(size=6, num_units=30, p0=0.5, generator=gen())
+    assert torch.equal(pop.ask(s, F=0.9, CR=0.0, generator=gen(1)), s)
+
+
+def test_logical_mutation_flips_only_where_b_or_c_is_set():
+    # All members identical and all zero: s_b OR s_c is 0 everywhere, so nothing may flip.
+    s = torch.zeros(5, 20, dtype=torch.bool)
+    assert not pop.ask(s, F=1.0, CR=1.0, generator=gen()).any()
+    # All ones with F=1, CR=1: every bit flips to NOT s_a = 0.
+    s = torch.ones(5, 20, dtype=torch.bool)
+    assert not pop.ask(s, F=1.0, CR=1.0, generator=gen()).any()
+
+
+def test_sigmoid_mutation_follows_v():
+    # identical members: v = s_a, so with a steep sigmoid the mutant equals s_a
+    row = torch.tensor([True, False] * 10)
+    s = row.expand(6, -1).clone()
+    t = pop.ask(s, F=0.9, CR=1.0, mutation="sigmoid", kappa=1000.0, generator=gen())
+    assert torch.equal(t, s)
+
+
+def test_unknown_mutation_and_small_population_are_refused():
+    s = pop.init_states(size=6, num_units=10, p0=0.5, generator=gen())
+    with pytest.raises(ValueError, match="unknown mutation"):
+        pop.ask(s, F=0.5, CR=0.5, mutation="gaussian", generator=gen())
+    with pytest.raises(ValueError, match="at least 4"):
+        pop.ask(s[:3], F=0.5, CR=0.5, generator=gen())
+
+
+def test_repair_only_switches_off_and_meets_budget():
+    s = pop.init_states(size=10, num_units=100, p0=0.8, generator=gen())
+    r = pop.repair(s, max_kept=30, generator=gen(2))
+    assert bool((r.sum(1) <= 30).all())
+    assert not bool((r & ~s).any())  # never switches a unit on
+    under = s.sum(1) <= 30
+    assert torch.equal(r[under], s[under])  # states within budget are untouched
+
+
+def test_tell_never_worsens_any_member_and_picks_lowest():
+    g = gen(3)
+    s = pop.init_states(size=8, num_units=16, p0=0.5, generator=g)
+    p = pop.start(s)
+    for _ in range(20):
+        trials = pop.ask(p.states, F=0.9, CR=0.7, generator=g)
+        member_e = torch.rand(8, generator=g)
+        trial_e = torch.rand(8, generator=g)
+        new = pop.tell(p, trials, member_e, trial_e)
+        assert bool((new.energies <= member_e).all())
+        assert new.best_energy == float(new.energies.min())
+        i = int(new.energies.argmin())
+        assert torch.equal(new.best, new.states[i])
+        replaced = trial_e <= member_e
+        assert torch.equal(new.states[replaced], trials[replaced])
+        assert torch.equal(new.states[~replaced], p.states[~replaced])
+        p = new
+    assert p.generation == 20
+
+
+def test_diversity_matches_pairwise_hamming():
+    s = pop.init_states(size=7, num_units=33, p0=0.5, generator=gen(4))
+    d = (s[:, None, :] != s[None, :, :]).float().sum(-1)
+    expected = float(d.sum() / (7 * 6 * 33))
+    assert abs(pop.diversity(s) - expected) < 1e-6  # expected is float32
+    assert pop.diversity(s[:1].expand(5, -1)) == 0.0
