@@ -61,10 +61,14 @@ class Config:
     max_generations: int = 0  # 0 = no cap besides the training budget
     snapshot_every: int = 5  # population snapshots to population.parquet
     # --- distributed runtime (Ray)
-    backend: str = "local"  # local | ray
+    backend: str = "ray"  # ray (a local instance when no cluster is given) | local (in process)
     num_evaluators: int = 0  # 0 = one per GPU, else min(2, CPUs)
-    gpus_per_evaluator: float = 0.0
+    gpus_per_evaluator: float = -1.0  # -1 = auto: 1 on a multi-GPU cluster, 0.5 on one GPU, else 0
     cpus_per_evaluator: float = 1.0
+    trainer_gpus: float = -1.0  # -1 = auto, like gpus_per_evaluator
+    trainer_cpus: float = 0.0  # 0 = auto: every core when Ray is started here, else 2
+    cpu_threads: int = 0  # torch threads per process; 0 = the CPUs Ray gives it (torch's default
+    # in process). Set it for bit-identical CPU results across backends: float sums depend on it.
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     weights_every: int = 1  # staleness k: evaluators see weights at most k steps old
     generation_timeout_s: float = 120.0
@@ -83,7 +87,7 @@ _CHOICES = {
 # Fields that change what a dense baseline learns: the key of its cache.
 _DENSE_FIELDS = (
     "dataset", "data_root", "input_size", "model", "small_input", "epochs", "batch_size",
-    "lr", "momentum", "weight_decay", "seed", "amp", "channels_last",
+    "lr", "momentum", "weight_decay", "seed", "amp", "channels_last", "cpu_threads",
 )  # fmt: skip
 
 
@@ -180,8 +184,12 @@ def validate(cfg: Config) -> Config:
         need(getattr(cfg, key) >= 0, f"{key} must be >= 0, got {getattr(cfg, key)}")
     need(cfg.sparsity_lambda >= 0, f"sparsity_lambda must be >= 0, got {cfg.sparsity_lambda}")
     need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
-    need(cfg.gpus_per_evaluator >= 0, "gpus_per_evaluator must be >= 0")
-    need(cfg.cpus_per_evaluator > 0, "cpus_per_evaluator must be > 0")
+    for key in ("gpus_per_evaluator", "trainer_gpus"):
+        v = getattr(cfg, key)
+        need(v == -1 or v >= 0, f"{key} must be >= 0, or -1 for auto; got {v}")
+    need(cfg.cpus_per_evaluator > 0, f"cpus_per_evaluator must be > 0, got {cfg.cpus_per_evaluator}")
+    need(cfg.trainer_cpus >= 0, f"trainer_cpus must be >= 0 (0 = auto), got {cfg.trainer_cpus}")
+    need(cfg.cpu_threads >= 0, f"cpu_threads must be >= 0 (0 = auto), got {cfg.cpu_threads}")
     for key, choices in _CHOICES.items():
         if choices:
             v = getattr(cfg, key)

@@ -50,14 +50,14 @@ def dense_baseline(cfg: Config, data, device: torch.device) -> dict[str, Any]:
     return result
 
 
-def _backend_energies(cfg: Config, learner: Learner):
-    """The energies callable of the chosen backend (None = the learner's own, in process)."""
+def _start_backend(cfg: Config, local: Learner):
+    """(learner, search, runtime) for the chosen backend; runtime is None in process."""
     if cfg.backend == "local":
-        return None, None
-    from .distributed.runner import start_evaluators  # Ray is imported only when asked for
+        return local, Search(cfg, local.units.num_units), None
+    from .distributed.runner import RayRuntime  # Ray is imported only when asked for
 
-    pool = start_evaluators(cfg, learner)
-    return pool.energies, pool
+    runtime = RayRuntime(cfg, local.info, local.units.num_units)
+    return runtime.learner, runtime.search, runtime
 
 
 def prune(cfg: Config, out: str | Path, *, overwrite: bool = False, quiet: bool = False) -> dict:
@@ -94,11 +94,14 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> dict:
 
 def _execute(cfg, run_dir: Path, data, device, *, checkpoint: dict | None, quiet: bool) -> dict:
     train_set, test_set, info = data
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
     t0 = time.perf_counter()
     dense = dense_baseline(cfg, data, device)
 
-    learner = Learner(cfg, train_set, info, device)
-    search = Search(cfg, learner.units.num_units)
+    # In process this learner trains; with Ray it only receives the final weights for the report.
+    local = Learner(cfg, train_set, info, device)
+    learner, search, runtime = _start_backend(cfg, local)
     history: list[dict[str, Any]] = []
     snapshots: list[dict[str, Any]] = []
     wall_before = 0.0
@@ -139,19 +142,14 @@ def _execute(cfg, run_dir: Path, data, device, *, checkpoint: dict | None, quiet
             snapshots.extend(store.snapshot_rows(g, p.states, p.energies))
         progress.generation(record, learner.step)
 
-    energies, pool = _backend_energies(cfg, learner)
     try:
         with progress:
-            run_edropout(
-                learner,
-                search,
-                energies=energies,
-                on_generation=on_generation,
-                on_checkpoint=save,
-            )
+            run_edropout(learner, search, on_generation=on_generation, on_checkpoint=save)
+        if runtime is not None:
+            learner = runtime.learner.to_local(local)
     finally:
-        if pool is not None:
-            pool.shutdown()
+        if runtime is not None:
+            runtime.shutdown()
     report = _finish(cfg, run_dir, learner, search, test_set, dense, history, snapshots)
     report["wall_s"] = wall_before + time.perf_counter() - t0
     store.write_json(run_dir / "report.json", report)

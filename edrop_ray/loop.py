@@ -29,9 +29,6 @@ from .units import discover_units
 
 __all__ = ["Learner", "resolve_device", "fetch_batch", "test_batches", "run_edropout", "run_dense"]
 
-EnergyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` is CUDA when present, else the CPU."""
     if name == "auto":
@@ -159,29 +156,26 @@ class Learner:
 
 
 def run_edropout(
-    learner: Learner,
-    search: Search,
+    learner,
+    search,
     *,
-    energies: EnergyFn | None = None,
     on_generation: Callable[[dict[str, Any]], None] | None = None,
     on_checkpoint: Callable[[], None] | None = None,
 ) -> None:
     """Alternate generations and masked training steps until the training budget is spent.
 
-    energies: ``(states (N, D), x, y) -> (N,)``; defaults to the learner's own batched energies
-    (the Ray runtime passes its sharded evaluators here). on_generation gets each generation's
-    record; on_checkpoint is called every ``checkpoint_every`` generations' worth of steps.
+    ``learner`` is a :class:`Learner` and ``search`` a :class:`~edrop_ray.search.Search`, or the
+    Ray runtime's stand-ins for them (same methods, work done by actors). on_generation gets each
+    generation's record; on_checkpoint is called every ``checkpoint_every`` generations' worth of
+    training steps.
     """
     cfg = learner.cfg
-    energies = energies or learner.energies
     ckpt_steps = cfg.checkpoint_every * cfg.evolve_every
-    loss = float("nan")
     while learner.step < learner.total_steps:
         record = None
         if not search.frozen and learner.step % cfg.evolve_every == 0:
             t0 = time.perf_counter()
-            x, y = learner.energy_batch()
-            record = search.select(energies(search.propose(), x, y))
+            record = search.run_generation(learner)
             record["energy_seconds"] = time.perf_counter() - t0
         loss = learner.train(search.best)
         if record is not None:

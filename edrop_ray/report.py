@@ -50,6 +50,7 @@ class Progress:
         line = (
             f"gen {record['generation']:4d}  energy {record['best_energy']:.4f}  "
             f"kept {100 * record['kept_fraction']:5.1f}%  div {record['diversity']:.3f}"
+            + (f"  evaluators {record['evaluators']}" if "evaluators" in record else "")
             + ("  frozen" if record["frozen"] else "")
             + extra
         )

@@ -98,6 +98,12 @@ class Search:
             "frozen": self.frozen,
         }
 
+    def run_generation(self, learner) -> dict[str, Any]:
+        """One whole generation judged by ``learner`` (anything with ``energy_batch()`` and
+        ``energies(states, x, y)``, e.g. :class:`edrop_ray.loop.Learner`)."""
+        x, y = learner.energy_batch()
+        return self.select(learner.energies(self.propose(), x, y))
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the search exactly (tensors and plain values only)."""
         p = self.population

@@ -136,3 +136,38 @@ def test_default_config_file_matches_builtin_defaults():
     from edrop_ray.config import Config, load_config
 
     assert load_config(ROOT / "configs" / "digits_resnet18.yaml") == Config()
+
+
+def test_resume_refuses_a_corrupt_checkpoint_and_keeps_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("dataset: digits\n")
+    good = ROOT / "configs" / "tiny.yaml"
+    (run / "config.yaml").write_text(good.read_text())
+    (run / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    assert main(["resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "corrupt or truncated" in err and len(err.strip().splitlines()) == 1
+    assert (run / "checkpoint.pt").read_bytes() == b"PK\x03\x04 truncated"  # never deleted
+
+
+def test_resume_of_something_that_is_not_a_run(tmp_path, capsys):
+    assert main(["resume", str(tmp_path), "--quiet"]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A crash while writing a checkpoint leaves the previous one whole."""
+    from edrop_ray import store
+
+    store.save_checkpoint(tmp_path, {"format": "edrop_ray.checkpoint/1", "step": 1})
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        store.save_checkpoint(tmp_path, {"format": "edrop_ray.checkpoint/1", "step": 2})
+    monkeypatch.undo()
+    assert store.load_checkpoint(tmp_path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left

@@ -1,0 +1,235 @@
+"""The three Ray actors. Each is a thin shell around the core objects; no algorithm lives here.
+
+- :class:`Trainer` wraps a :class:`~edrop_ray.loop.Learner`: masked training, energy batches,
+  weights published to the object store.
+- :class:`Evaluator` holds a copy of the model and computes the energies of one shard of
+  candidates with :func:`~edrop_ray.energy.compute_energies`.
+- :class:`Coordinator` wraps a :class:`~edrop_ray.search.Search`: it splits the candidates of a
+  generation across the live evaluators, re-runs the shards of dead or late ones, and selects.
+
+The classes are plain; :mod:`edrop_ray.distributed.runner` turns them into actors with the
+resources and placement of the run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from ..config import Config
+from ..data import DataInfo, load_datasets
+from ..energy import compute_energies
+from ..loop import Learner, resolve_device
+from ..masking import Masker
+from ..models import build_model, example_input
+from ..search import Search
+from ..units import discover_units
+
+__all__ = ["Trainer", "Evaluator", "Coordinator"]
+
+
+def _device(cfg: Config) -> torch.device:
+    # An actor given a GPU by Ray sees exactly that one (CUDA_VISIBLE_DEVICES); without one,
+    # or with only a logical GPU on a CPU machine, it runs on the CPU.
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return resolve_device("cuda" if cfg.device == "auto" else cfg.device)
+
+
+def _cpu_threads(cfg: Config, cpus: float) -> None:
+    # Explicit, because float sums (and so, bit for bit, the masks) depend on the thread count.
+    torch.set_num_threads(cfg.cpu_threads or max(1, int(cpus)))
+
+
+class Trainer:
+    """Owns the model and optimiser; trains with the best state and publishes weights."""
+
+    def __init__(self, cfg: Config, cpus: float):
+        _cpu_threads(cfg, cpus)
+        train_set, _test, info = load_datasets(
+            cfg.dataset,
+            data_root=cfg.data_root,
+            input_size=cfg.input_size,
+            download=cfg.download,
+            seed=cfg.seed,
+        )
+        self.learner = Learner(cfg, train_set, info, _device(cfg))
+
+    def info(self) -> dict[str, Any]:
+        return {"total_steps": self.learner.total_steps, "step": self.learner.step}
+
+    def train(self, state: torch.Tensor) -> float:
+        return self.learner.train(state)
+
+    def energy_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next generation's batch (CPU tensors); returned through the object store."""
+        x, y = self.learner.energy_batch()
+        return x.cpu(), y.cpu()
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The current weights and BN statistics (CPU); returned through the object store."""
+        return {k: v.detach().cpu() for k, v in self.learner.model.state_dict().items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.learner.state_dict()
+
+    def load_state_dict(self, sd: dict[str, Any]) -> int:
+        self.learner.load_state_dict(sd)
+        return self.learner.step
+
+
+class Evaluator:
+    """A model replica that judges a shard of candidate states on the generation's batch."""
+
+    def __init__(self, cfg: Config, info: DataInfo, index: int):
+        _cpu_threads(cfg, cfg.cpus_per_evaluator)
+        self.cfg = cfg
+        self.index = index
+        self.device = _device(cfg)
+        model = build_model(
+            cfg.model,
+            num_classes=info.num_classes,
+            in_channels=info.in_channels,
+            small_input=cfg.small_input,
+        )
+        self.units = discover_units(model, example_input(info.in_channels, cfg.input_size))
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.memory_format = fmt
+        self.model = model.to(device=self.device, memory_format=fmt).eval()
+        self.masker = Masker(self.model, self.units)
+        self.version = -1
+
+    def identity(self) -> dict[str, Any]:
+        ctx = ray.get_runtime_context()
+        return {"index": self.index, "pid": os.getpid(), "node_id": ctx.get_node_id()}
+
+    def evaluate(
+        self,
+        shard: int,
+        states: torch.Tensor,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        weights: list[ray.ObjectRef],
+        version: int,
+    ) -> tuple[int, torch.Tensor]:
+        """Energies of ``states`` ((n, D) bool) -> (shard, (n,) float).
+
+        ``weights`` is a one-element list so that Ray hands over the reference unresolved: the
+        weights are fetched only when their version changed (after a restart, too).
+        """
+        if version != self.version:
+            self.model.load_state_dict(ray.get(weights[0]))
+            self.version = version
+        x, y = batch
+        x = x.to(self.device).contiguous(memory_format=self.memory_format)
+        energies = compute_energies(
+            self.model,
+            self.masker,
+            states,
+            x,
+            y.to(self.device),
+            states_per_pass=self.cfg.states_per_pass,
+            sparsity_lambda=self.cfg.sparsity_lambda,
+            amp=self.cfg.amp,
+        )
+        return shard, energies
+
+
+class Coordinator:
+    """Owns the population; farms each generation out to the evaluators and selects."""
+
+    def __init__(self, cfg: Config, num_units: int, evaluators: list):
+        self.cfg = cfg
+        self.search = Search(cfg, num_units)
+        self.evaluators = list(evaluators)
+        self.live = [True] * len(self.evaluators)
+        self.reruns = 0  # shards re-run on another evaluator, over the whole run
+
+    def generation(
+        self, batch: list[ray.ObjectRef], weights: list[ray.ObjectRef], version: int
+    ) -> dict[str, Any]:
+        """Propose, evaluate across evaluators, select; return the record and the new state."""
+        candidates = self.search.propose()
+        energies = self._evaluate(candidates, batch[0], weights, version)
+        record = self.search.select(energies)
+        p = self.search.population
+        record["evaluators"] = sum(self.live)
+        return {
+            "record": record,
+            "best": p.best,
+            "states": p.states,
+            "energies": p.energies,
+            "converged_at": self.search.converged_at,
+        }
+
+    def _evaluate(self, candidates, batch_ref, weights, version) -> torch.Tensor:
+        alive = [i for i, ok in enumerate(self.live) if ok] or list(range(len(self.evaluators)))
+        shards = list(torch.tensor_split(candidates, len(alive)))
+        results: dict[int, torch.Tensor] = {}
+        pending: dict[ray.ObjectRef, tuple[int, int]] = {}
+
+        def submit(shard: int, worker: int) -> None:
+            ref = self.evaluators[worker].evaluate.remote(
+                shard, shards[shard], batch_ref, weights, version
+            )
+            pending[ref] = (shard, worker)
+
+        for shard, worker in enumerate(alive):
+            submit(shard, worker)
+        deadline = time.monotonic() + self.cfg.generation_timeout_s
+        turn = 0
+        while pending:
+            timeout = max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+            failed: list[tuple[int, int]] = []
+            if not ready:  # the generation's time is up: whoever is still out is late
+                failed = list(pending.values())
+                pending.clear()
+            for ref in ready:
+                shard, worker = pending.pop(ref)
+                try:
+                    index, energies = ray.get(ref, timeout=self.cfg.generation_timeout_s)
+                    results[index] = energies
+                except (RayActorError, RayTaskError, GetTimeoutError):
+                    failed.append((shard, worker))
+            for shard, worker in failed:
+                self.live[worker] = False
+                others = [i for i, ok in enumerate(self.live) if ok]
+                if not others:
+                    raise RuntimeError("every evaluator failed or timed out in this generation")
+                self.reruns += 1
+                submit(shard, others[turn % len(others)])
+                turn += 1
+            if failed:
+                deadline = time.monotonic() + self.cfg.generation_timeout_s
+        self._revive()
+        return torch.cat([results[i] for i in range(len(shards))])
+
+    def _revive(self) -> None:
+        """Give evaluators marked dead another chance once Ray has restarted them."""
+        for i, ok in enumerate(self.live):
+            if ok:
+                continue
+            ready, _ = ray.wait([self.evaluators[i].identity.remote()], timeout=0.5)
+            if ready:
+                try:
+                    ray.get(ready[0], timeout=1.0)
+                    self.live[i] = True
+                except (RayActorError, RayTaskError, GetTimeoutError):
+                    pass
+
+    def live_evaluators(self) -> int:
+        return sum(self.live)
+
+    def stats(self) -> dict[str, int]:
+        return {"live": sum(self.live), "reruns": self.reruns}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.search.state_dict()
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.search.load_state_dict(sd)

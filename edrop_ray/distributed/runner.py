@@ -1,0 +1,234 @@
+"""Starting the Ray runtime of one run: placement, actors, and the driver's stand-ins.
+
+:class:`RayRuntime` places the evaluators (a placement group, PACK or STRICT_SPREAD), the
+trainer and the coordinator, and exposes two stand-ins, :class:`RemoteLearner` and
+:class:`RemoteSearch`, with the methods :func:`edrop_ray.loop.run_edropout` calls on the
+in-process objects. The driver's loop is therefore the very same loop as the local backend's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from ..config import Config
+from ..data import DataInfo
+from ..errors import UserError
+from ..loop import Learner
+from .actors import Coordinator, Evaluator, Trainer
+
+__all__ = ["RayRuntime", "RemoteLearner", "RemoteSearch", "connect", "plan_resources"]
+
+# Generous bound for calls that do no model work (state, info): a hung cluster must not hang us.
+_CONTROL_TIMEOUT_S = 300.0
+
+
+def connect(cfg: Config) -> bool:
+    """Attach to Ray: the given address, the cluster of a running job, or a new local instance.
+
+    Returns True when this call started Ray (and so should stop it at the end).
+    """
+    if ray.is_initialized():
+        return False
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return False
+    # A private instance on this machine: no dashboard, logs stay in Ray's session folder. The
+    # trainer and the evaluators take turns (train, then judge), so they may share the cores:
+    # advertise enough logical CPUs for all of them.
+    n = cfg.num_evaluators or 2
+    need = n * cfg.cpus_per_evaluator + (cfg.trainer_cpus or os.cpu_count() or 1)
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, math.ceil(need)),
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    return True
+
+
+def plan_resources(cfg: Config, cluster: dict[str, float]) -> tuple[int, float, float]:
+    """(number of evaluators, GPUs per evaluator, trainer GPUs) for a cluster's resources.
+
+    Auto (-1) GPU settings: on 2+ GPUs the trainer and every evaluator get a whole GPU each; on
+    one GPU they share it half and half; without GPUs everything runs on CPU slots. With
+    ``num_evaluators`` 0 there is one evaluator per GPU left after the trainer's, else
+    ``min(2, CPUs)``.
+    """
+    gpus = float(cluster.get("GPU", 0.0))
+    share = 1.0 if gpus >= 2 else (0.5 if gpus >= 1 else 0.0)
+    per_eval = share if cfg.gpus_per_evaluator < 0 else cfg.gpus_per_evaluator
+    trainer = share if cfg.trainer_gpus < 0 else cfg.trainer_gpus
+    n = cfg.num_evaluators
+    if not n:
+        if per_eval > 0:
+            n = max(1, int((gpus - trainer) / per_eval))
+        else:
+            n = max(1, min(2, int(cluster.get("CPU", 1))))
+    return n, per_eval, trainer
+
+
+class RayRuntime:
+    """The actors of one run, placed on the cluster."""
+
+    def __init__(self, cfg: Config, info: DataInfo, num_units: int):
+        self.cfg = cfg
+        self.started_ray = connect(cfg)
+        cluster = ray.cluster_resources()
+        n, per_eval, trainer_gpus = plan_resources(cfg, cluster)
+        # auto: a private instance lends the trainer every core (it and the evaluators take
+        # turns); on a cluster the trainer asks for 2 CPUs for its data and optimiser
+        trainer_cpus = cfg.trainer_cpus or ((os.cpu_count() or 1) if self.started_ray else 2)
+        need_cpu = n * cfg.cpus_per_evaluator + trainer_cpus
+        need_gpu = n * per_eval + trainer_gpus
+        if need_cpu > cluster.get("CPU", 0) or need_gpu > cluster.get("GPU", 0):
+            raise UserError(
+                f"{n} evaluators and the trainer need {need_cpu:g} CPUs and {need_gpu:g} GPUs; "
+                f"the cluster has {cluster.get('CPU', 0):g} and {cluster.get('GPU', 0):g}; "
+                "lower --set num_evaluators / cpus_per_evaluator or add nodes"
+            )
+        bundle = {"CPU": cfg.cpus_per_evaluator}
+        if per_eval > 0:
+            bundle["GPU"] = per_eval
+        self.pg = placement_group([dict(bundle) for _ in range(n)], strategy=cfg.placement_strategy)
+        ready, _ = ray.wait([self.pg.ready()], timeout=cfg.generation_timeout_s)
+        if not ready:
+            remove_placement_group(self.pg)
+            raise UserError(
+                f"the cluster cannot place {n} evaluators of {bundle} with "
+                f"{cfg.placement_strategy}; available: {ray.available_resources()}; "
+                "lower --set num_evaluators or change placement_strategy"
+            )
+        self.evaluators = [
+            ray.remote(Evaluator)
+            .options(
+                num_cpus=cfg.cpus_per_evaluator,
+                num_gpus=per_eval,
+                max_restarts=-1,  # a lost evaluator comes back; the coordinator re-runs its shard
+                max_task_retries=0,  # ...and it, not Ray, decides where a failed shard goes
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=i
+                ),
+            )
+            .remote(cfg, info, i)
+            for i in range(n)
+        ]
+        self.trainer = (
+            ray.remote(Trainer)
+            .options(num_cpus=trainer_cpus, num_gpus=trainer_gpus, max_restarts=0)
+            .remote(cfg, trainer_cpus)
+        )
+        # The coordinator holds no tensors of size but the population: no resources reserved.
+        self.coordinator = (
+            ray.remote(Coordinator).options(num_cpus=0).remote(cfg, num_units, self.evaluators)
+        )
+        total = ray.get(self.trainer.info.remote(), timeout=_CONTROL_TIMEOUT_S)["total_steps"]
+        self.learner = RemoteLearner(cfg, self.trainer, total)
+        self.search = RemoteSearch(cfg, self.coordinator, num_units)
+
+    def identities(self) -> list[dict[str, Any]]:
+        """pid and node of every evaluator (for tests and diagnostics)."""
+        return ray.get([e.identity.remote() for e in self.evaluators], timeout=_CONTROL_TIMEOUT_S)
+
+    def shutdown(self) -> None:
+        for actor in (*self.evaluators, self.trainer, self.coordinator):
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(self.pg)
+        if self.started_ray:
+            ray.shutdown()
+
+
+class RemoteLearner:
+    """Driver-side stand-in for :class:`~edrop_ray.loop.Learner`; the trainer actor does the work."""
+
+    def __init__(self, cfg: Config, trainer, total_steps: int):
+        self.cfg = cfg
+        self.trainer = trainer
+        self.total_steps = total_steps
+        self.step = 0
+        self._weights: list[ray.ObjectRef] | None = None
+        self._weights_step = -1
+
+    def energy_batch(self) -> ray.ObjectRef:
+        # Stays in the object store: the evaluators fetch it, the driver never does.
+        return self.trainer.energy_batch.remote()
+
+    def weights(self) -> tuple[list[ray.ObjectRef], int]:
+        """A reference to weights at most ``weights_every`` steps old, and their version."""
+        if self._weights is None or self.step - self._weights_step >= self.cfg.weights_every:
+            self._weights = [self.trainer.weights.remote()]  # one object, shared by reference
+            self._weights_step = self.step
+        return self._weights, self._weights_step
+
+    def train(self, state: torch.Tensor) -> float:
+        loss = ray.get(self.trainer.train.remote(state), timeout=_CONTROL_TIMEOUT_S)
+        self.step += 1
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return ray.get(self.trainer.state_dict.remote(), timeout=_CONTROL_TIMEOUT_S)
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.step = ray.get(self.trainer.load_state_dict.remote(sd), timeout=_CONTROL_TIMEOUT_S)
+        self._weights = None
+
+    def to_local(self, learner: Learner) -> Learner:
+        """Load the trainer's current state into an in-process ``learner`` (for the report)."""
+        learner.load_state_dict(self.state_dict())
+        return learner
+
+
+class _PopulationView:
+    """What the driver keeps of the population after each generation (for snapshots)."""
+
+    def __init__(self, states: torch.Tensor, energies: torch.Tensor):
+        self.states = states
+        self.energies = energies
+
+
+class RemoteSearch:
+    """Driver-side stand-in for :class:`~edrop_ray.search.Search`; the coordinator owns it."""
+
+    def __init__(self, cfg: Config, coordinator, num_units: int):
+        self.cfg = cfg
+        self.coordinator = coordinator
+        self._pull()
+
+    def _pull(self) -> None:
+        sd = ray.get(self.coordinator.state_dict.remote(), timeout=_CONTROL_TIMEOUT_S)
+        self._apply(sd["best"], sd["states"], sd["energies"], bool(sd["frozen"]))
+        self.generation = int(sd["generation"])
+        c = int(sd["converged_at"])
+        self.converged_at = None if c < 0 else c
+
+    def _apply(self, best, states, energies, frozen) -> None:
+        self.best = best
+        self.population = _PopulationView(states, energies)
+        self.frozen = frozen
+
+    def run_generation(self, learner: RemoteLearner) -> dict[str, Any]:
+        weights, version = learner.weights()
+        out = ray.get(
+            self.coordinator.generation.remote(
+                [learner.energy_batch()], weights, version
+            ),
+            timeout=self.cfg.generation_timeout_s * 3 + _CONTROL_TIMEOUT_S,
+        )
+        record = out["record"]
+        self._apply(out["best"], out["states"], out["energies"], record["frozen"])
+        self.generation = record["generation"]
+        self.converged_at = out["converged_at"]
+        return record
+
+    def state_dict(self) -> dict[str, Any]:
+        return ray.get(self.coordinator.state_dict.remote(), timeout=_CONTROL_TIMEOUT_S)
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        ray.get(self.coordinator.load_state_dict.remote(sd), timeout=_CONTROL_TIMEOUT_S)
+        self._pull()

@@ -1,0 +1,134 @@
+"""The Ray backend against the in-process engine on one shared local cluster.
+
+Every process pins one torch thread (cpu_threads=1) so that float sums, and so the masks, are
+bit-identical across backends on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
+from edrop_ray import job
+from edrop_ray.config import load_config
+from edrop_ray.data import load_datasets
+from edrop_ray.distributed.runner import RayRuntime, plan_resources
+from edrop_ray.loop import Learner, run_edropout
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+SAME = ["cpu_threads=1", "num_evaluators=2", "trainer_cpus=1"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("local") / "run"
+    job.prune(load_config(TINY, [*SAME, "backend=local"]), out, quiet=True)
+    return out
+
+
+def mask_of(run_dir: Path) -> torch.Tensor:
+    return torch.load(run_dir / "mask.pt", weights_only=True)["mask"]
+
+
+def test_plan_resources():
+    cfg = load_config(TINY)
+    assert plan_resources(cfg, {"CPU": 16}) == (2, 0.0, 0.0)
+    assert plan_resources(cfg, {"CPU": 1}) == (1, 0.0, 0.0)
+    assert plan_resources(cfg, {"CPU": 64, "GPU": 8}) == (7, 1.0, 1.0)  # trainer keeps one
+    assert plan_resources(cfg, {"CPU": 8, "GPU": 1}) == (1, 0.5, 0.5)
+    fixed = load_config(TINY, ["num_evaluators=3", "gpus_per_evaluator=0.25", "trainer_gpus=0"])
+    assert plan_resources(fixed, {"CPU": 8, "GPU": 1}) == (3, 0.25, 0.0)
+
+
+def test_ray_backend_equals_local_backend(cluster, local_run, tmp_path):
+    out = tmp_path / "ray"
+    job.prune(load_config(TINY, [*SAME, "backend=ray"]), out, quiet=True)
+    assert torch.equal(mask_of(out), mask_of(local_run))
+    ray_hist = pq.read_table(out / "history.parquet").to_pylist()
+    local_hist = pq.read_table(local_run / "history.parquet").to_pylist()
+    assert len(ray_hist) == len(local_hist)
+    for a, b in zip(ray_hist, local_hist, strict=True):
+        assert a["best_energy"] == pytest.approx(b["best_energy"], abs=1e-6)
+        assert a["mean_energy"] == pytest.approx(b["mean_energy"], abs=1e-6)
+        assert a["evaluators"] == 2
+    ra = json.loads((out / "report.json").read_text())
+    rb = json.loads((local_run / "report.json").read_text())
+    assert ra["backend"] == "ray" and rb["backend"] == "local"
+    for key in ("pruned_top1", "params_pruned", "macs_pruned", "generations"):
+        assert ra[key] == rb[key]
+
+
+def _drive(cfg, on_generation):
+    """Run the Ray runtime directly (as job.py does) with a hook between generations."""
+    train_set, _test, info = load_datasets(cfg.dataset, data_root=".", input_size=cfg.input_size)
+    local = Learner(cfg, train_set, info, torch.device("cpu"))
+    runtime = RayRuntime(cfg, info, local.units.num_units)
+    try:
+        run_edropout(
+            runtime.learner,
+            runtime.search,
+            on_generation=lambda r: on_generation(runtime, r),
+        )
+        stats = ray.get(runtime.coordinator.stats.remote(), timeout=60)
+        return runtime.search.best.clone(), stats
+    finally:
+        runtime.shutdown()
+
+
+def test_killed_evaluator_is_replaced_and_the_mask_is_unchanged(cluster, local_run):
+    cfg = load_config(TINY, [*SAME, "backend=ray", "generation_timeout_s=60"])
+    killed = []
+
+    def kill_one(runtime, record):
+        if record["generation"] == 2:
+            pid = runtime.identities()[0]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    best, stats = _drive(cfg, kill_one)
+    assert killed, "the evaluator was never killed"
+    assert stats["reruns"] >= 1  # its shard was re-run elsewhere
+    assert torch.equal(best, mask_of(local_run))
+
+
+def test_resume_after_the_driver_is_killed(cluster, local_run, tmp_path):
+    out = tmp_path / "stopped"
+    env = dict(os.environ, RAY_ADDRESS=cluster, EDROP_RAY_CACHE=os.environ["EDROP_RAY_CACHE"])
+    cmd = [sys.executable, "-m", "edrop_ray", "prune", "--config", str(TINY), "--out", str(out),
+           "--quiet", *[a for s in SAME for a in ("--set", s)], "--set", "backend=ray"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoint.pt").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert not (out / "report.json").exists(), "the run finished before it could be stopped"
+    job.resume(out, quiet=True)
+    assert torch.equal(mask_of(out), mask_of(local_run))
+    report = json.loads((out / "report.json").read_text())
+    local = json.loads((local_run / "report.json").read_text())
+    assert report["generations"] == local["generations"]
+    assert report["pruned_top1"] == local["pruned_top1"]

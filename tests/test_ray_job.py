@@ -1,0 +1,61 @@
+"""A real `ray start --head` on 127.0.0.1 and `ray job submit` of the tiny config."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parent.parent
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    # A short temp dir: Ray's unix socket paths must stay under ~107 characters.
+    temp = Path("/tmp") / f"edr-{os.getpid()}"
+    dash = free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    start = [
+        RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+        "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats",
+    ]  # fmt: skip
+    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_the_tiny_config(head, tmp_path):
+    address, env = head
+    out = tmp_path / "job-run"
+    cmd = [
+        RAY, "job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--",
+        "python", "-m", "edrop_ray", "prune", "--config", "configs/tiny.yaml",
+        "--set", "backend=ray", "--set", "trainer_cpus=1", "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    env = dict(env, EDROP_RAY_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "SUCCEEDED" in proc.stdout
+    for name in ("config.yaml", "report.json", "history.parquet", "population.parquet",
+                 "mask.pt", "pruned_model.pt", "plots/energy.png"):  # fmt: skip
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["backend"] == "ray" and report["params_pruned"] < report["params_dense"]
