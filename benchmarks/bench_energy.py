@@ -13,8 +13,10 @@ Targets: batched is >= 5x faster than looped, and batched / dense <= 1.10x (the 
 replication and the loss cost at most 10 % over the bare forward pass).
 
 On a CPU the 5x is not expected: a CPU conv at batch 64 is already compute-bound, so one pass over
-2048 samples costs about what 32 passes over 64 do. The speed-up comes from a GPU, where a batch of
-64 small images leaves most of the device idle; run with ``--device cuda`` there.
+2048 samples costs at best what 32 passes over 64 do, and it can cost more (the 32 px stem
+activations of 2048 samples are ~0.5 GB each, so the big pass is paid in page faults and memory
+traffic). The speed-up comes from a GPU, where a batch of 64 small images leaves most of the device
+idle; run with ``--device cuda`` there.
 
 Each repeat runs every mode once, round-robin, so that load from other processes is spread over
 all modes; the median of ``--repeats`` is reported after one warm-up run of each mode.
@@ -111,15 +113,14 @@ def main() -> None:
         "dense, no hooks": lambda: dense_forward(dense_model, xs, device, args.amp),
     }
 
-    # Sanity, not an assertion: batched and looped must judge the states alike.
-    e_batched = compute_energies(model, masker, states, x, y, amp=args.amp)
-    e_looped = compute_energies_looped(model, masker, states, x, y, amp=args.amp)
-    max_diff = float((e_batched - e_looped).abs().max())
-
     times: dict[str, list[float]] = {name: [] for name in modes}
-    for name, fn in modes.items():  # warm-up: allocator, oneDNN/cuDNN primitives per shape
-        fn()
-        sync(device)
+    # Warm-up, one run of each mode: allocator, oneDNN/cuDNN primitives for each shape.
+    warm = {name: fn() for name, fn in modes.items()}
+    sync(device)
+    # Sanity, not an assertion: batched and looped must judge the states alike.
+    e_batched, _, e_looped, _ = warm.values()
+    max_diff = float((e_batched - e_looped).abs().max())
+    del warm  # the dense logits of every sample: free them before timing
     for _ in range(args.repeats):
         for name, fn in modes.items():
             sync(device)
@@ -155,6 +156,7 @@ def main() -> None:
     ]
     for label, value, target in ratios:
         print(f"{label + ':':<32} {value:>7}  {target}")
+
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from ray.job_submission import JobStatus, JobSubmissionClient
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +30,10 @@ def head(tmp_path_factory):
     # A short temp dir: Ray's unix socket paths must stay under ~107 characters.
     temp = Path("/tmp") / f"edr-{os.getpid()}"
     dash = free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    # `python` in the job's entrypoint must be this environment's, as for a user whose venv is
+    # active when they run `ray start`.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=path)
     start = [
         RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
         "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -53,7 +58,8 @@ def test_ray_job_submit_runs_the_tiny_config(head, tmp_path):
     env = dict(env, EDROP_RAY_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "SUCCEEDED" in proc.stdout
+    job_id = re.search(r"Job '(raysubmit_\w+)' submitted", proc.stdout + proc.stderr).group(1)
+    assert JobSubmissionClient(address).get_job_status(job_id) == JobStatus.SUCCEEDED
     for name in ("config.yaml", "report.json", "history.parquet", "population.parquet",
                  "mask.pt", "pruned_model.pt", "plots/energy.png"):  # fmt: skip
         assert (out / name).is_file(), name
