@@ -43,6 +43,8 @@ def compute_energies(
     was_training = model.training
     model.eval()
     n_states, batch = states.shape[0], x.shape[0]
+    if n_states == 0:
+        return torch.empty(0)
     per_pass = states_per_pass if states_per_pass > 0 else n_states
     out = torch.empty(n_states, dtype=torch.float32)
     try:

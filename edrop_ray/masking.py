@@ -29,6 +29,7 @@ class Masker:
     def __init__(self, model: nn.Module, units: Units):
         self.units = units
         self._masks: dict[str, torch.Tensor] = {}
+        self._index: dict[torch.device, dict[str, torch.Tensor]] = {}
         modules = dict(model.named_modules())
         self._handles = [
             modules[name].register_forward_hook(self._make_hook(name))
@@ -63,9 +64,16 @@ class Masker:
                 f"state has {states.shape[1]} bits, model has {self.units.num_units} units"
             )
         keep = states.float()
-        self._masks = {
-            name: keep[:, unit_of.to(keep.device)] for name, unit_of in self.units.mask_points.items()
-        }
+        index = self._index_on(keep.device)
+        self._masks = {name: keep[:, unit_of] for name, unit_of in index.items()}
+
+    def _index_on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        # The channel -> unit maps, copied to a device once rather than on every call.
+        if device not in self._index:
+            self._index[device] = {
+                name: unit_of.to(device) for name, unit_of in self.units.mask_points.items()
+            }
+        return self._index[device]
 
     @contextmanager
     def applied(self, states: torch.Tensor | None) -> Iterator[None]:

@@ -168,6 +168,8 @@ class Coordinator:
 
     def _evaluate(self, candidates, batch_ref, weights, version) -> torch.Tensor:
         alive = [i for i, ok in enumerate(self.live) if ok] or list(range(len(self.evaluators)))
+        # never more shards than candidates: an evaluator with nothing to judge is left idle
+        alive = alive[: candidates.shape[0]]
         shards = list(torch.tensor_split(candidates, len(alive)))
         results: dict[int, torch.Tensor] = {}
         pending: dict[ray.ObjectRef, tuple[int, int]] = {}
