@@ -13,6 +13,7 @@ from .errors import UserError
 
 __all__ = ["build_parser", "main"]
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edrop-ray", description="EDropout: energy-based dropout and pruning, on Ray."
@@ -39,6 +40,35 @@ def build_parser() -> argparse.ArgumentParser:
     r = verbs.add_parser("resume", help="continue a stopped run from its last checkpoint")
     r.add_argument("run_dir")
     r.add_argument("--quiet", action="store_true")
+
+    s = verbs.add_parser("sweep", help="Ray Tune sweep of EDropout's hyper-parameters")
+    s.add_argument("--config", required=True, help="base YAML config of every trial")
+    s.add_argument("--space", required=True, help="YAML search space (see configs/space_*.yaml)")
+    s.add_argument("--samples", type=int, default=8, help="trials to sample (default 8)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--out", help="sweep folder, Tune's storage_path (default: runs/sweep-<time>)")
+    s.add_argument("--quiet", action="store_true")
+
+    c = verbs.add_parser("compare", help="EDropout against dense, magnitude and random pruning")
+    c.add_argument("--config", help="YAML config (default: the embedded digits run)")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--out", help="folder for compare.json / compare.md / plot")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--quiet", action="store_true")
+
+    rp = verbs.add_parser("report", help="summary table and plots of a run or a sweep")
+    rp.add_argument("path", help="a run directory or a sweep directory")
+    rp.add_argument("--format", choices=("md", "json"), default="md")
+
+    e = verbs.add_parser("export", help="export the physically slimmed model of a run")
+    e.add_argument("run_dir")
+    e.add_argument("--format", choices=("torchscript", "onnx", "state_dict"), default="state_dict")
+    e.add_argument("--output", help="file to write (default: RUN_DIR/export/model.<ext>)")
+
+    v = verbs.add_parser("evaluate", help="Top-1/Top-5 of a run's saved pruned model")
+    v.add_argument("run_dir")
+    v.add_argument("--dataset", help="data set to evaluate on (default: the run's own)")
+    v.add_argument("--data-root", help="data root (default: the run's own)")
     return parser
 
 
@@ -61,6 +91,18 @@ def _run(args: argparse.Namespace) -> int:
     if args.verb == "resume":
         job.resume(args.run_dir, quiet=args.quiet)
         return 0
+    if args.verb == "sweep":
+        from .tune import run_sweep_cli
+
+        return run_sweep_cli(args)
+    if args.verb == "compare":
+        from .compare import run_compare_cli
+
+        return run_compare_cli(args)
+    if args.verb in ("report", "export", "evaluate"):
+        from . import inspect_run
+
+        return getattr(inspect_run, f"{args.verb}_cli")(args)
     raise AssertionError(args.verb)
 
 

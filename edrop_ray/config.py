@@ -187,7 +187,9 @@ def validate(cfg: Config) -> Config:
     for key in ("gpus_per_evaluator", "trainer_gpus"):
         v = getattr(cfg, key)
         need(v == -1 or v >= 0, f"{key} must be >= 0, or -1 for auto; got {v}")
-    need(cfg.cpus_per_evaluator > 0, f"cpus_per_evaluator must be > 0, got {cfg.cpus_per_evaluator}")
+    need(
+        cfg.cpus_per_evaluator > 0, f"cpus_per_evaluator must be > 0, got {cfg.cpus_per_evaluator}"
+    )
     need(cfg.trainer_cpus >= 0, f"trainer_cpus must be >= 0 (0 = auto), got {cfg.trainer_cpus}")
     need(cfg.cpu_threads >= 0, f"cpu_threads must be >= 0 (0 = auto), got {cfg.cpu_threads}")
     for key, choices in _CHOICES.items():
@@ -201,7 +203,9 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
     """Read a YAML config (optional), apply ``key=value`` overrides, validate, return it."""
     values: dict[str, Any] = {}
     if path is not None:

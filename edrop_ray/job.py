@@ -81,7 +81,9 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> dict:
     blob = store.load_checkpoint(path)
     cfg = validate(Config(**blob["config"]))
     if (path / "report.json").is_file():
-        raise UserError(f"run {str(path)!r} already finished (report.json exists); nothing to resume")
+        raise UserError(
+            f"run {str(path)!r} already finished (report.json exists); nothing to resume"
+        )
     data = load_datasets(
         cfg.dataset,
         data_root=cfg.data_root,

@@ -23,18 +23,20 @@ from .energy import compute_energies
 from .errors import UserError
 from .masking import Masker
 from .models import build_model, example_input
-from .search import Search
 from .train import build_optimizer, evaluate, train_step
 from .units import discover_units
 
 __all__ = ["Learner", "resolve_device", "fetch_batch", "test_batches", "run_edropout", "run_dense"]
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` is CUDA when present, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for but no CUDA GPU is visible; use --set device=auto")
+        raise UserError(
+            f"device {name!r} asked for but no CUDA GPU is visible; use --set device=auto"
+        )
     return torch.device(name)
 
 

@@ -32,8 +32,7 @@ class Masker:
         self._index: dict[torch.device, dict[str, torch.Tensor]] = {}
         modules = dict(model.named_modules())
         self._handles = [
-            modules[name].register_forward_hook(self._make_hook(name))
-            for name in units.mask_points
+            modules[name].register_forward_hook(self._make_hook(name)) for name in units.mask_points
         ]
 
     def _make_hook(self, name: str):

@@ -30,7 +30,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 def _small_conv(old: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     # 3x3, stride 1, padding 1: a 32 px image keeps its resolution through the stem.
-    return nn.Conv2d(in_channels, old.out_channels, 3, stride=1, padding=1, bias=old.bias is not None)
+    return nn.Conv2d(
+        in_channels, old.out_channels, 3, stride=1, padding=1, bias=old.bias is not None
+    )
 
 
 def build_model(

@@ -49,7 +49,9 @@ class Population(NamedTuple):
     generation: int
 
 
-def init_states(*, size: int, num_units: int, p0: float, generator: torch.Generator) -> torch.Tensor:
+def init_states(
+    *, size: int, num_units: int, p0: float, generator: torch.Generator
+) -> torch.Tensor:
     """Draw the first population: each bit keep=1 with probability ``p0``; member 0 all ones.
 
     Member 0 is the dense network, so the search can never start worse than no pruning.

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +18,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as RichProgress  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-__all__ = ["Progress", "print_summary", "summary_rows", "write_plots"]
+__all__ = [
+    "Progress",
+    "print_summary",
+    "summary_rows",
+    "write_plots",
+    "summary_markdown",
+    "write_kept_per_layer_plot",
+    "pareto_front",
+    "sweep_rows",
+    "sweep_markdown",
+    "write_pareto_plot",
+]
 
 
 class Progress:
@@ -114,3 +129,150 @@ def write_plots(run_dir: Path, history: list[dict[str, Any]]) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _save_figure(fig, path: Path) -> Path:
+    """Save ``fig`` as a PNG through a temporary file and a rename, then close it."""
+    from .store import write_atomic  # local: store imports torch, the plots above do not need it
+
+    buf = io.BytesIO()
+    try:
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    write_atomic(path, buf.getvalue())
+    return path
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: int = 1) -> str:
+    """A GitHub markdown table; columns from index ``right`` on are right-aligned."""
+    align = ["---" if i < right else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def summary_markdown(report: dict[str, Any]) -> str:
+    """The summary table of :func:`summary_rows` as markdown, under a heading naming the run."""
+    title = f"### EDropout: {report['model']} on {report['dataset']} (seed {report.get('seed')})"
+    return title + "\n\n" + _markdown_table(("", "dense", "pruned"), summary_rows(report))
+
+
+def write_kept_per_layer_plot(run_dir: Path, kept: dict[str, float]) -> Path:
+    """``run_dir/plots/kept_per_layer.png``: a bar of the kept fraction of each coupled group.
+
+    ``kept`` is the report's ``kept_per_layer`` (root layer name -> kept fraction); bars are drawn
+    in network order when the names sort that way, else in the report's order.
+    """
+    out = Path(run_dir) / "plots"
+    out.mkdir(exist_ok=True)
+    names = list(kept)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(names) + 2), 4))
+    ax.bar(range(len(names)), [100 * kept[n] for n in names], color="tab:blue")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_ylabel("kept units (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(axis="y", alpha=0.3)
+    return _save_figure(fig, out / "kept_per_layer.png")
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices (ascending) of the points that no other point dominates, maximising both values.
+
+    A point dominates another when it is at least as high in both coordinates and higher in one.
+    Equal points do not dominate each other, so duplicates on the front are all kept. A point with
+    a NaN coordinate is never on the front and never dominates.
+    """
+    valid = [
+        (i, float(a), float(b))
+        for i, (a, b) in enumerate(points)
+        if not (math.isnan(float(a)) or math.isnan(float(b)))
+    ]
+    front = []
+    for i, a, b in valid:
+        dominated = any(
+            (a2 >= a and b2 >= b) and (a2 > a or b2 > b) for j, a2, b2 in valid if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def _number(value: Any) -> float:
+    """A row's metric as a float; NaN when it is missing (a failed or unfinished trial)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def sweep_rows(sweep: Any) -> list[dict[str, Any]]:
+    """The trial rows of a ``sweep.json``: either a list of rows or ``{"trials": [...]}``."""
+    rows = sweep.get("trials", sweep.get("rows")) if isinstance(sweep, dict) else sweep
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError("sweep.json must hold a list of trial rows or {'trials': [...]}")
+    return rows
+
+
+def _format_params(params: Any) -> str:
+    if not isinstance(params, dict):
+        return "-" if params is None else str(params)
+    return ", ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in params.items())
+
+
+def sweep_markdown(rows: Sequence[dict[str, Any]], front: Sequence[int]) -> str:
+    """The trials as a markdown table; Pareto-optimal trials are marked with ``*``."""
+
+    def pct(v: Any, scale: float = 1.0) -> str:
+        x = _number(v)
+        return "-" if math.isnan(x) else f"{scale * x:.2f}"
+
+    def mega(v: Any) -> str:
+        x = _number(v)
+        return "-" if math.isnan(x) else f"{x / 1e6:.2f} M"
+
+    on_front = set(front)
+    table = [
+        (
+            str(i),
+            _format_params(r.get("params")),
+            pct(r.get("top1")),
+            pct(r.get("top5")),
+            pct(r.get("prune_rate"), 100.0),
+            mega(r.get("params_pruned")),
+            "*" if i in on_front else "",
+        )
+        for i, r in enumerate(rows)
+    ]
+    header = ("trial", "params", "Top-1 (%)", "Top-5 (%)", "pruning rate (%)", "params", "Pareto")
+    return "### EDropout sweep\n\n" + _markdown_table(header, table, right=2)
+
+
+def write_pareto_plot(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """Top-1 against pruning rate of every trial, the Pareto front highlighted, saved at ``path``.
+
+    Trials without a Top-1 or pruning rate (failed ones) are left out.
+    """
+    rate = [100 * _number(r.get("prune_rate")) for r in rows]
+    top1 = [_number(r.get("top1")) for r in rows]
+    front = pareto_front(list(zip(rate, top1, strict=True)))
+    shown = [i for i in range(len(rows)) if not (math.isnan(rate[i]) or math.isnan(top1[i]))]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([rate[i] for i in shown], [top1[i] for i in shown], color="0.6", label="trials")
+    ordered = sorted(front, key=lambda i: rate[i])
+    ax.plot(
+        [rate[i] for i in ordered],
+        [top1[i] for i in ordered],
+        color="tab:red",
+        marker="o",
+        label="Pareto front",
+    )
+    for i in ordered:
+        ax.annotate(str(i), (rate[i], top1[i]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)  # fmt: skip
+    ax.set_xlabel("pruning rate (% of parameters removed)")
+    ax.set_ylabel("Top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save_figure(fig, Path(path))

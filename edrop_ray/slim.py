@@ -80,9 +80,7 @@ def slim_model(
 def kept_per_layer(units: Units, state: torch.Tensor) -> dict[str, float]:
     """Kept fraction of each coupled group, keyed by its root layer name."""
     state = state.cpu().bool()
-    return {
-        g.root: float(state[g.offset : g.offset + g.size].float().mean()) for g in units.groups
-    }
+    return {g.root: float(state[g.offset : g.offset + g.size].float().mean()) for g in units.groups}
 
 
 def save_pruned(

@@ -161,8 +161,9 @@ def read_population(path: Path) -> dict[int, torch.Tensor]:
     for row in table:
         by_gen.setdefault(row["generation"], []).append(row)
     return {
-        g: unpack_states([r["bits"] for r in sorted(rows, key=lambda r: r["member"])],
-                         rows[0]["num_units"])  # fmt: skip
+        g: unpack_states(
+            [r["bits"] for r in sorted(rows, key=lambda r: r["member"])], rows[0]["num_units"]
+        )  # fmt: skip
         for g, rows in by_gen.items()
     }
 

@@ -92,4 +92,8 @@ def evaluate(
         model.train(was_training)
     if seen == 0:
         raise ValueError("evaluation set is empty")
-    return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen, "loss": loss_sum / seen}
+    return {
+        "top1": 100.0 * correct1 / seen,
+        "top5": 100.0 * correct5 / seen,
+        "loss": loss_sum / seen,
+    }

@@ -60,9 +60,7 @@ def test_masked_unit_outputs_zero_and_gets_zero_gradient(grid_model):
             assert p.grad is not None
             assert torch.count_nonzero(p.grad[off]) == 0, f"{name}:{layer} gets gradient"
     # and the kept units do learn
-    assert any(
-        torch.count_nonzero(p.grad) > 0 for p in model.parameters() if p.grad is not None
-    )
+    assert any(torch.count_nonzero(p.grad) > 0 for p in model.parameters() if p.grad is not None)
 
 
 def test_masker_never_copies_and_removes_cleanly(grid_model):

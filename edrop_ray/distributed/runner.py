@@ -15,7 +15,10 @@ from typing import Any
 import ray
 import torch
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
 
 from ..config import Config
 from ..data import DataInfo
@@ -124,9 +127,13 @@ class RayRuntime:
             .options(num_cpus=trainer_cpus, num_gpus=trainer_gpus, max_restarts=0)
             .remote(cfg, trainer_cpus)
         )
-        # The coordinator holds no tensors of size but the population: no resources reserved.
+        # The coordinator holds nothing larger than the population and reserves no resources;
+        # it lives on the driver's node, so that losing a worker node never takes it along.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.coordinator = (
-            ray.remote(Coordinator).options(num_cpus=0).remote(cfg, num_units, self.evaluators)
+            ray.remote(Coordinator)
+            .options(num_cpus=0, scheduling_strategy=here)
+            .remote(cfg, num_units, self.evaluators)
         )
         total = ray.get(self.trainer.info.remote(), timeout=_CONTROL_TIMEOUT_S)["total_steps"]
         self.learner = RemoteLearner(cfg, self.trainer, total)
@@ -145,7 +152,7 @@ class RayRuntime:
 
 
 class RemoteLearner:
-    """Driver-side stand-in for :class:`~edrop_ray.loop.Learner`; the trainer actor does the work."""
+    """Driver-side stand-in for :class:`~edrop_ray.loop.Learner`; the trainer actor works."""
 
     def __init__(self, cfg: Config, trainer, total_steps: int):
         self.cfg = cfg
@@ -215,9 +222,7 @@ class RemoteSearch:
     def run_generation(self, learner: RemoteLearner) -> dict[str, Any]:
         weights, version = learner.weights()
         out = ray.get(
-            self.coordinator.generation.remote(
-                [learner.energy_batch()], weights, version
-            ),
+            self.coordinator.generation.remote([learner.energy_batch()], weights, version),
             timeout=self.cfg.generation_timeout_s * 3 + _CONTROL_TIMEOUT_S,
         )
         record = out["record"]
