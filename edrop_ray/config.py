@@ -34,7 +34,7 @@ class Config:
     model: str = "resnet18"
     small_input: bool = True  # 3x3 stride-1 stem for 28-32 px inputs
     # --- training
-    epochs: int = 6
+    epochs: int = 5
     batch_size: int = 64
     eval_batch_size: int = 256
     lr: float = 0.05
@@ -54,7 +54,7 @@ class Config:
     sparsity_lambda: float = 0.0
     target_prune_rate: float | None = None  # hard budget on the kept-unit fraction
     energy_batch_size: int = 32
-    states_per_pass: int = 0  # candidates per forward pass; 0 = all 2S at once
+    states_per_pass: int = 0  # candidates per forward pass; 0 = auto (GPU: all 2S at once)
     evolve_every: int = 3  # training steps between generations
     diversity_threshold: float = 0.02
     patience: int = 10  # freeze when the best state is unchanged this many generations

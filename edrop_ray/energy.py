@@ -22,6 +22,17 @@ def _autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+# On a CPU the convolutions are compute-bound already at a few hundred samples, and bigger
+# passes only spill the caches (measured in benchmarks/bench_energy.py); a GPU wants everything.
+_CPU_SAMPLES_PER_PASS = 256
+
+
+def _auto_per_pass(x: torch.Tensor, n_states: int) -> int:
+    if x.device.type == "cpu":
+        return max(1, min(n_states, _CPU_SAMPLES_PER_PASS // max(1, x.shape[0])))
+    return n_states
+
+
 @torch.no_grad()
 def compute_energies(
     model: nn.Module,
@@ -38,14 +49,14 @@ def compute_energies(
 
     states: (N, D) bool. x: (B, C, H, W) on the model's device; y: (B,) long.
     states_per_pass: how many states share one forward pass (their replicas of the batch are
-    stacked); 0 = all N at once. Returns (N,) float32 on the CPU.
+    stacked); 0 = auto: all N at once on a GPU, about 256 samples per pass on a CPU. Returns (N,) float32 on the CPU.
     """
     was_training = model.training
     model.eval()
     n_states, batch = states.shape[0], x.shape[0]
     if n_states == 0:
         return torch.empty(0)
-    per_pass = states_per_pass if states_per_pass > 0 else n_states
+    per_pass = states_per_pass if states_per_pass > 0 else _auto_per_pass(x, n_states)
     out = torch.empty(n_states, dtype=torch.float32)
     try:
         for start in range(0, n_states, per_pass):

@@ -27,7 +27,7 @@ __all__ = [
     "write_kept_per_layer_plot",
     "pareto_front",
     "sweep_rows",
-    "sweep_markdown",
+    "trials_markdown",
     "write_pareto_plot",
 ]
 
@@ -162,8 +162,8 @@ def summary_markdown(report: dict[str, Any]) -> str:
 def write_kept_per_layer_plot(run_dir: Path, kept: dict[str, float]) -> Path:
     """``run_dir/plots/kept_per_layer.png``: a bar of the kept fraction of each coupled group.
 
-    ``kept`` is the report's ``kept_per_layer`` (root layer name -> kept fraction); bars are drawn
-    in network order when the names sort that way, else in the report's order.
+    ``kept`` is the report's ``kept_per_layer`` (root layer name -> kept fraction); bars follow its
+    order (report.json stores the names sorted: for torchvision names, nearly network order).
     """
     out = Path(run_dir) / "plots"
     out.mkdir(exist_ok=True)
@@ -221,8 +221,9 @@ def _format_params(params: Any) -> str:
     return ", ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in params.items())
 
 
-def sweep_markdown(rows: Sequence[dict[str, Any]], front: Sequence[int]) -> str:
-    """The trials as a markdown table; Pareto-optimal trials are marked with ``*``."""
+def trials_markdown(rows: Sequence[dict[str, Any]], front: Sequence[int]) -> str:
+    """The trials of a sweep as a markdown table, in the order given; ``#`` is the row's index
+    (the label in ``pareto.png``) and Pareto-optimal trials are marked with ``*``."""
 
     def pct(v: Any, scale: float = 1.0) -> str:
         x = _number(v)
@@ -236,17 +237,22 @@ def sweep_markdown(rows: Sequence[dict[str, Any]], front: Sequence[int]) -> str:
     table = [
         (
             str(i),
+            str(r.get("trial_id") or "-"),
             _format_params(r.get("params")),
             pct(r.get("top1")),
             pct(r.get("top5")),
             pct(r.get("prune_rate"), 100.0),
             mega(r.get("params_pruned")),
+            str(r.get("status") or "-"),
             "*" if i in on_front else "",
         )
         for i, r in enumerate(rows)
     ]
-    header = ("trial", "params", "Top-1 (%)", "Top-5 (%)", "pruning rate (%)", "params", "Pareto")
-    return "### EDropout sweep\n\n" + _markdown_table(header, table, right=2)
+    header = (
+        "#", "trial", "hyper-parameters", "Top-1 (%)", "Top-5 (%)", "pruning rate (%)",
+        "params left", "status", "Pareto",
+    )  # fmt: skip
+    return "### EDropout sweep\n\n" + _markdown_table(header, table, right=3)
 
 
 def write_pareto_plot(path: Path, rows: Sequence[dict[str, Any]]) -> Path:

@@ -22,8 +22,10 @@ Design choices
   budget every trial shares whatever its ``evolve_every``. Final rows are ranked by Top-1 then
   prune rate, and the rows on the Pareto front of (Top-1, prune rate) are marked: the trade-off
   is shown rather than folded into one made-up score. ASHA only runs with at least 4 trials
-  (its reduction factor); with fewer it could only stop trials without learning anything, so the
-  scheduler is then FIFO (every trial runs to the end and has a Top-1).
+  (its reduction factor): with fewer, a rung holds too few results to cut fairly, so the
+  scheduler is then FIFO (every trial runs to the end and has a Top-1). Caveat: when
+  ``sparsity_lambda`` is searched, energies carry different penalties across trials, so ASHA's
+  comparison mixes accuracy and sparsity the way each trial weighs them.
 * **Fault tolerance.** Every ``checkpoint_every`` generations (and, once the mask is frozen,
   every ``checkpoint_every x evolve_every`` steps) a trial reports a checkpoint holding the
   learner's and the search's state (``torch.save``; loaded with ``weights_only=True``); a trial
@@ -149,9 +151,7 @@ def check_space(space: Any, base: Config, source: str = "--space") -> dict[str, 
     for key, spec in space.items():
         if key not in SEARCHABLE:
             what = "is not searchable" if key in fields else "is not a config key"
-            raise UserError(
-                f"{source}: {key!r} {what}; searchable keys: {', '.join(SEARCHABLE)}"
-            )
+            raise UserError(f"{source}: {key!r} {what}; searchable keys: {', '.join(SEARCHABLE)}")
         kind = str(fields[key]).split("|")[0].strip()
         if isinstance(spec, list):
             if not spec:
@@ -384,8 +384,8 @@ def edropout_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
         "converged_at": -1 if search.converged_at is None else search.converged_at,
     }
     with tempfile.TemporaryDirectory() as d:  # the final mask, as the trial's last checkpoint
-        store.save_torch(Path(d) / MASK_FILE,
-                         {"mask": final.cpu(), "layers": learner.units.layer_of_units()})  # fmt: skip
+        mask = {"mask": final.cpu(), "layers": learner.units.layer_of_units()}
+        store.save_torch(Path(d) / MASK_FILE, mask)
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
 
 
@@ -447,22 +447,31 @@ def _connect(cfg: Config, quiet: bool) -> bool:
 
 
 def _rows(results, keys: list[str]) -> list[dict[str, Any]]:
+    # Tune's Trial objects (status, and the config of trials that never started) sit behind the
+    # ResultGrid, in the same order as its results; without them, status comes from metrics.
+    analysis = getattr(results, "_experiment_analysis", None)
+    trials = list(getattr(analysis, "trials", None) or [])
+    if len(trials) != len(results):
+        trials = [None] * len(results)
     rows = []
-    for r in results:
+    for r, trial in zip(results, trials, strict=True):
         m = dict(r.metrics or {})
-        config = r.config or {}
+        config = r.config or getattr(trial, "config", None) or {}
+        tune_status = getattr(trial, "status", None)
         if "top1" in m:
             status = "finished"
         elif r.error is not None:
             status = "error"
+        elif tune_status in (None, "TERMINATED"):
+            status = "stopped"  # early-stopped by ASHA
         else:
-            status = "stopped"  # early-stopped by ASHA (or not finished)
+            status = "unfinished"  # interrupted: run the same sweep again to resume it
         error = None
         if r.error is not None:
             lines = [ln for ln in str(r.error).strip().splitlines() if ln.strip()]
             error = lines[-1][:300] if lines else type(r.error).__name__
         rows.append({
-            "trial_id": m.get("trial_id"),
+            "trial_id": m.get("trial_id", getattr(trial, "trial_id", None)),
             "params": {k: _plain(config.get(k)) for k in keys},
             "status": status,
             "error": error,
@@ -641,7 +650,8 @@ def sweep(
 def run_sweep_cli(args) -> int:
     """``edrop-ray sweep --config C --space S [--samples N] [--set k=v] [--out DIR] [--quiet]``.
 
-    Exit 0 when at least one trial finished, 1 when none did (the table says why), 2 on bad
+    Exit 0 when at least one trial finished and none is left unfinished; 1 otherwise (an
+    interrupted sweep: run the same command again to resume it; or no trial finished); 2 on bad
     input (nothing written).
     """
     cfg = load_config(args.config, args.overrides)
@@ -653,7 +663,12 @@ def run_sweep_cli(args) -> int:
     if not args.quiet:
         print(sweep_markdown(rows, list(check_space(space, cfg))))
         print(f"sweep folder: {path}")
-    if finished < len(rows):
-        print(f"edrop-ray: {len(rows) - finished} of {len(rows)} trials did not finish "
-              f"(see {path / 'sweep.md'})", file=sys.stderr)  # fmt: skip
-    return 0 if finished else 1
+    unfinished = sum(r["status"] == "unfinished" for r in rows)
+    if unfinished:
+        print(f"edrop-ray: {unfinished} of {len(rows)} trials unfinished (interrupted); run the "
+              "same command again to resume them", file=sys.stderr)  # fmt: skip
+    failed = sum(r["status"] == "error" for r in rows)
+    if failed:
+        print(f"edrop-ray: {failed} of {len(rows)} trials failed; see the error column of "
+              f"{path / 'sweep.json'}", file=sys.stderr)  # fmt: skip
+    return 0 if finished and not unfinished else 1

@@ -99,3 +99,68 @@ def test_diversity_matches_pairwise_hamming():
     expected = float(d.sum() / (7 * 6 * 33))
     assert abs(pop.diversity(s) - expected) < 1e-6  # expected is float32
     assert pop.diversity(s[:1].expand(5, -1)) == 0.0
+
+
+def _search(**overrides):
+    from edrop_ray.config import load_config
+    from edrop_ray.search import Search
+
+    cfg = load_config("configs/tiny.yaml", [f"{k}={v}" for k, v in overrides.items()])
+    return Search(cfg, 64)
+
+
+def test_search_freezes_when_best_is_unchanged_for_patience_generations():
+    s = _search(patience=3, diversity_threshold=0.0)
+    energies_of = lambda c: c.float().sum(1)  # noqa: E731  fewer kept units = lower energy
+    gens = 0
+    while not s.frozen:
+        s.select(energies_of(s.propose()))
+        gens += 1
+        assert gens < 500
+    assert s.converged_at == s.generation == gens
+    assert s.population.unchanged >= 3
+
+
+def test_search_freezes_when_diversity_collapses():
+    s = _search(patience=10_000, diversity_threshold=0.3)
+    while not s.frozen:
+        record = s.select(s.propose().float().sum(1))
+        assert record["generation"] < 500
+    assert record["diversity"] < 0.3 and s.converged_at == record["generation"]
+
+
+def test_search_respects_target_prune_rate_and_is_reproducible():
+    a, b = _search(target_prune_rate=0.75), _search(target_prune_rate=0.75)
+    for _ in range(5):
+        ca, cb = a.propose(), b.propose()
+        assert torch.equal(ca, cb)
+        assert bool((ca.sum(1) <= 16).all())  # 25 % of 64 units at most
+        e = -ca.float().sum(1)  # energy favours keeping: repair must still hold the budget
+        a.select(e)
+        b.select(e.clone())
+    assert torch.equal(a.best, b.best)
+
+
+def test_search_state_round_trip_continues_identically():
+    a = _search()
+    for _ in range(3):
+        a.select(a.propose().float().sum(1))
+    b = _search()
+    b.load_state_dict(a.state_dict())
+    for _ in range(3):
+        ca, cb = a.propose(), b.propose()
+        assert torch.equal(ca, cb)
+        a.select(ca.float().sum(1))
+        b.select(cb.float().sum(1))
+    assert torch.equal(a.best, b.best) and a.generation == b.generation
+
+
+def test_search_refuses_non_finite_energies():
+    from edrop_ray.errors import UserError
+
+    s = _search()
+    c = s.propose()
+    e = torch.zeros(c.shape[0])
+    e[1] = float("nan")
+    with pytest.raises(UserError, match="lower the learning rate"):
+        s.select(e)

@@ -1,0 +1,196 @@
+"""`edrop-ray compare`: EDropout against dense, group-L1 magnitude and random pruning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch import nn
+
+from edrop_ray.cli import main
+from edrop_ray.compare import (
+    METHODS,
+    finetune_budget,
+    fit_param_count,
+    group_l1_scores,
+    prune_order,
+)
+from edrop_ray.slim import slim_model
+from edrop_ray.units import discover_units
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.yaml")
+# One torch thread: on a shared 2-core box two threads spin against other work and run ~10x
+# slower. Three generations then a freeze leave EDropout 18 of its 22 steps with its final mask.
+FAST = ["--set", "backend=local", "--set", "cpu_threads=1", "--set", "max_generations=3"]
+OUTPUTS = ("compare.json", "compare.md", "accuracy_vs_params.png")
+PARAM_TOLERANCE = 0.01  # |params / EDropout's - 1| of the baselines (one unit is ~0.05 % here)
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare") / "cmp"
+    assert main(["compare", "--config", TINY, *FAST, "--out", str(out), "--quiet"]) == 0
+    return out, json.loads((out / "compare.json").read_text())
+
+
+def _row(result, method):
+    return next(r for r in result["rows"] if r["method"] == method)
+
+
+def test_writes_json_markdown_and_plot_with_four_rows(comparison):
+    out, result = comparison
+    for name in OUTPUTS:
+        assert (out / name).is_file(), name
+    assert [r["method"] for r in result["rows"]] == list(METHODS)
+    assert (out / "accuracy_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = [line for line in (out / "compare.md").read_text().splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(METHODS)  # header, rule, one line per method
+    assert all(m in "\n".join(table) for m in METHODS)
+    for r in result["rows"]:
+        assert 0.0 <= r["top1"] <= r["top5"] <= 100.0
+        assert r["params"] > 0 and r["macs"] > 0 and r["wall_s"] > 0
+    # the EDropout row is the EDropout run's own report, kept beside the comparison
+    report = json.loads((out / "edropout" / "report.json").read_text())
+    edrop = _row(result, "edropout")
+    assert edrop["params"] == report["params_pruned"] == result["target_params"]
+    assert edrop["top1"] == report["pruned_top1"]
+    assert _row(result, "dense")["params"] == report["params_dense"] == result["params_dense"]
+
+
+def test_baselines_are_pruned_to_edropouts_parameter_count(comparison):
+    _, result = comparison
+    target = result["target_params"]
+    dense = result["params_dense"]
+    assert target < dense  # EDropout did prune, so the baselines had something to match
+    for method in ("magnitude", "random"):
+        r = _row(result, method)
+        assert abs(r["params"] / target - 1) <= PARAM_TOLERANCE, (method, r["params"], target)
+        assert r["params_vs_edropout"] == pytest.approx(r["params"] / target - 1)
+    for r in result["rows"]:
+        assert 0.0 <= r["prune_rate"] < 1.0
+        assert r["prune_rate"] == pytest.approx(1 - r["params"] / dense)
+    assert _row(result, "dense")["prune_rate"] == 0.0
+
+
+def test_finetuning_budgets_are_equal(comparison):
+    out, result = comparison
+    history = pq.read_table(out / "edropout" / "history.parquet").to_pylist()
+    report = json.loads((out / "edropout" / "report.json").read_text())
+    assert len(history) == 3 and history[-1]["frozen"]  # max_generations=3 froze it
+    steps = report["steps"] - (history[-1]["step"] - 1)  # steps trained with the final mask
+    assert steps > 0
+    assert result["finetune_steps"] == steps
+    assert result["finetune_start_step"] + steps == result["total_steps"] == report["steps"]
+    for method in ("edropout", "magnitude", "random"):
+        assert _row(result, method)["finetune_steps"] == steps, method
+    for method in ("magnitude", "random"):  # the dense budget, then the same fine-tuning
+        assert _row(result, method)["train_steps"] == result["total_steps"] + steps
+    assert _row(result, "dense")["train_steps"] == result["total_steps"]
+
+
+def test_second_run_into_the_same_out_is_refused_and_changes_nothing(comparison, capsys):
+    out, _ = comparison
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["compare", "--config", TINY, *FAST, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "already holds a comparison" in err and "--overwrite" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_folder_with_an_unfinished_comparison_is_refused(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    (out / "edropout").mkdir(parents=True)
+    (out / "edropout" / "config.yaml").write_text("seed: 0\n")
+    assert main(["compare", "--config", TINY, *FAST, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unfinished comparison" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.rglob("*")) == ["config.yaml", "edropout"]
+
+
+def test_bad_config_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--config", TINY, "--set", "F=2", "--out", str(out), "--quiet"]) == 2
+    assert "F must be in [0, 1]" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- ranking
+
+
+def _tiny_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 3),
+    )
+
+
+@torch.no_grad()
+def _zero_channel(conv: nn.Conv2d, bn: nn.BatchNorm2d, consumer: nn.Module, c: int) -> None:
+    conv.weight[c] = 0
+    conv.bias[c] = 0
+    bn.weight[c] = 0
+    bn.bias[c] = 0
+    consumer.weight[:, c] = 0
+
+
+def test_group_l1_ranking_prunes_the_smallest_norm_units_first():
+    model = _tiny_model()
+    x = torch.randn(2, 1, 8, 8)
+    units = discover_units(model, x)
+    group = {g.root: g for g in units.groups}
+    assert set(group) == {"0", "3"}
+    a, b = group["0"].offset, group["3"].offset
+    _zero_channel(model[0], model[1], model[3], 2)
+    _zero_channel(model[0], model[1], model[3], 5)
+    _zero_channel(model[3], model[4], model[8], 1)
+    with torch.no_grad():  # small, but not zero: next in line
+        model[3].weight[4] *= 0.01
+        model[4].weight[4] *= 0.01
+        model[8].weight[:, 4] *= 0.01
+    zeroed = {a + 2, a + 5, b + 1}
+
+    scores = group_l1_scores(model, units, x)
+    assert {int(u) for u in (scores == 0).nonzero()} == zeroed
+    order = prune_order(scores, units)
+    assert {int(u) for u in order[:3]} == zeroed
+    assert int(order[3]) == b + 4
+    assert order.numel() == units.num_units - len(units.groups)  # each group keeps its best
+
+    # the budget of exactly those three units gone is met by removing exactly those three
+    state = torch.ones(units.num_units, dtype=torch.bool)
+    state[list(zeroed)] = False
+    target = sum(p.numel() for p in slim_model(model, units, state, x).parameters())
+    fitted, params = fit_param_count(model, units, order, x, target)
+    assert params == target
+    assert {int(u) for u in (~fitted).nonzero()} == zeroed
+
+
+def test_prune_order_never_removes_a_whole_group():
+    model = _tiny_model()
+    x = torch.randn(2, 1, 8, 8)
+    units = discover_units(model, x)
+    order = prune_order(torch.rand(units.num_units), units)
+    fitted, params = fit_param_count(model, units, order, x, target=0)  # below any reachable count
+    assert params > 0
+    for g in units.groups:
+        assert int(fitted[g.offset : g.offset + g.size].sum()) == 1
+
+
+def test_finetune_budget_rule():
+    # frozen (or last) generation's row: step counted after its training step
+    assert finetune_budget([{"step": 1}, {"step": 3}, {"step": 5}], 22) == (4, 18)
+    assert finetune_budget([{"step": 21}], 22) == (20, 2)  # never froze: after the last generation
+    assert finetune_budget([], 22) == (0, 22)
