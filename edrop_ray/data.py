@@ -22,15 +22,25 @@ from torchvision import datasets, transforms
 
 from edrop_ray.errors import UserError
 
-__all__ = ["DATASETS", "DataInfo", "load_datasets", "make_loader"]
+__all__ = ["DATASETS", "DataInfo", "load_datasets", "load_for", "make_loader"]
 
 DATASETS: tuple[str, ...] = (
-    "digits", "mnist-test-split", "mnist", "kmnist", "fashion-mnist", "cifar10", "cifar100",
+    "digits",
+    "mnist-test-split",
+    "mnist",
+    "kmnist",
+    "fashion-mnist",
+    "cifar10",
+    "cifar100",
     "flowers102",
 )
 _TRAIN_FRACTION = 0.8  # the in-memory sets have no official split; 80/20 with a seed
-_MNIST_RAW = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_MNIST_RAW = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 
 
 @dataclass(frozen=True)
@@ -93,17 +103,28 @@ _VISION: dict[str, _VisionSpec] = {
         datasets.FashionMNIST, "FashionMNIST/raw", _MNIST_RAW, 10, (0.2860,), (0.3530,)
     ),
     "cifar10": _VisionSpec(
-        _CIFAR10Files, "cifar-10-batches-py",
+        _CIFAR10Files,
+        "cifar-10-batches-py",
         tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta"),
-        10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+        10,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
     ),
     "cifar100": _VisionSpec(
-        _CIFAR100Files, "cifar-100-python", ("train", "test", "meta"),
-        100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+        _CIFAR100Files,
+        "cifar-100-python",
+        ("train", "test", "meta"),
+        100,
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
     ),
     "flowers102": _VisionSpec(  # ImageNet statistics, as usual for Flowers102
-        _Flowers102Files, "flowers-102", ("jpg/", "imagelabels.mat", "setid.mat"),
-        102, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+        _Flowers102Files,
+        "flowers-102",
+        ("jpg/", "imagelabels.mat", "setid.mat"),
+        102,
+        (0.485, 0.456, 0.406),
+        (0.229, 0.224, 0.225),
     ),
 }
 
@@ -192,8 +213,9 @@ def _resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear resize of ``(N, C, H, W)`` to ``(N, C, size, size)``; a no-op at that size."""
     if images.shape[-2:] == (size, size):
         return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=True)
+    return F.interpolate(
+        images, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )
 
 
 def _split_tensors(
@@ -219,7 +241,8 @@ def _find_missing_files(spec: _VisionSpec, root: Path) -> list[str]:
     """The files (relative to ``root``) that ``spec`` needs and that are not there."""
     folder = root / spec.folder
     return [
-        f"{spec.folder}/{rel}" for rel in spec.files
+        f"{spec.folder}/{rel}"
+        for rel in spec.files
         if not ((folder / rel).is_dir() if rel.endswith("/") else (folder / rel).is_file())
     ]
 
@@ -236,11 +259,13 @@ def _load_vision_datasets(
                 f"dataset {name!r}: missing {', '.join(missing)} under {root}; put the files "
                 "there or pass --set download=true"
             )
-    transform = transforms.Compose([
-        transforms.Resize((input_size, input_size)),
-        transforms.ToTensor(),
-        transforms.Normalize(spec.mean, spec.std),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.Resize((input_size, input_size)),
+            transforms.ToTensor(),
+            transforms.Normalize(spec.mean, spec.std),
+        ]
+    )
     opened = []
     for train in (True, False):
         # Flowers102 names its splits; the others take a train flag.
@@ -249,8 +274,15 @@ def _load_vision_datasets(
         else:
             split = {"train": train}
         try:
-            opened.append(spec.cls(root, transform=transform, target_transform=_to_label_tensor,
-                                   download=download, **split))
+            opened.append(
+                spec.cls(
+                    root,
+                    transform=transform,
+                    target_transform=_to_label_tensor,
+                    download=download,
+                    **split,
+                )
+            )
         except (OSError, RuntimeError) as exc:  # URLError is an OSError
             if not download:
                 raise
@@ -271,5 +303,22 @@ def make_loader(
     """A single-process loader whose shuffle order is fixed by ``seed``."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      num_workers=0, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def load_for(cfg, data_root: str | Path | None = None) -> tuple[Dataset, Dataset, DataInfo]:
+    """:func:`load_datasets` with a run config's data settings (``data_root`` may override)."""
+    return load_datasets(
+        cfg.dataset,
+        data_root=cfg.data_root if data_root is None else data_root,
+        input_size=cfg.input_size,
+        download=cfg.download,
+        seed=cfg.seed,
+    )

@@ -49,7 +49,8 @@ def compute_energies(
 
     states: (N, D) bool. x: (B, C, H, W) on the model's device; y: (B,) long.
     states_per_pass: how many states share one forward pass (their replicas of the batch are
-    stacked); 0 = auto: all N at once on a GPU, about 256 samples per pass on a CPU. Returns (N,) float32 on the CPU.
+    stacked); 0 = auto: all N at once on a GPU, about 256 samples per pass on a CPU.
+    Returns (N,) float32 on the CPU.
     """
     was_training = model.training
     model.eval()

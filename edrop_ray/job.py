@@ -16,13 +16,13 @@ from typing import Any
 import torch
 
 from . import store
-from .config import Config, config_to_dict, dense_key, load_config, validate
-from .data import load_datasets
+from .config import Config, config_to_dict, dense_key, validate
+from .data import load_for
 from .errors import UserError
-from .loop import Learner, resolve_device, run_dense, run_edropout
+from .loop import Learner, measure_pruned, resolve_device, run_dense, run_edropout
 from .report import Progress, print_summary, write_plots
 from .search import Search
-from .slim import count_params_macs, kept_per_layer, save_pruned, slim_model
+from .slim import kept_per_layer, save_pruned
 
 __all__ = ["prune", "resume", "dense_baseline"]
 
@@ -62,13 +62,7 @@ def _start_backend(cfg: Config, local: Learner):
 
 def prune(cfg: Config, out: str | Path, *, overwrite: bool = False, quiet: bool = False) -> dict:
     """Run EDropout with ``cfg`` into the folder ``out``; return the report."""
-    data = load_datasets(
-        cfg.dataset,
-        data_root=cfg.data_root,
-        input_size=cfg.input_size,
-        download=cfg.download,
-        seed=cfg.seed,
-    )  # data errors surface here, before anything is written
+    data = load_for(cfg)  # data errors surface here, before anything is written
     device = resolve_device(cfg.device)
     run_dir = store.prepare_run_dir(out, overwrite=overwrite)
     store.write_yaml(run_dir / "config.yaml", config_to_dict(cfg))
@@ -84,13 +78,7 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> dict:
         raise UserError(
             f"run {str(path)!r} already finished (report.json exists); nothing to resume"
         )
-    data = load_datasets(
-        cfg.dataset,
-        data_root=cfg.data_root,
-        input_size=cfg.input_size,
-        download=cfg.download,
-        seed=cfg.seed,
-    )
+    data = load_for(cfg)
     return _execute(cfg, path, data, resolve_device(cfg.device), checkpoint=blob, quiet=quiet)
 
 
@@ -164,12 +152,7 @@ def _execute(cfg, run_dir: Path, data, device, *, checkpoint: dict | None, quiet
 def _finish(cfg, run_dir, learner, search, test_set, dense, history, snapshots) -> dict:
     """Evaluate, slim and save the final model; write history, population, mask and plots."""
     final = search.best.clone()
-    pruned_eval = learner.evaluate(test_set, final)
-    model_cpu = learner.model.to("cpu").float()
-    example = learner.example
-    slim = slim_model(model_cpu, learner.units, final, example)
-    params_dense, macs_dense = count_params_macs(model_cpu, example)
-    params_pruned, macs_pruned = count_params_macs(slim, example)
+    slim, m = measure_pruned(learner, test_set, final)
     info = learner.info
     save_pruned(
         run_dir / "pruned_model.pt",
@@ -192,23 +175,13 @@ def _finish(cfg, run_dir, learner, search, test_set, dense, history, snapshots) 
         "backend": cfg.backend,
         "dense_top1": dense["top1"],
         "dense_top5": dense["top5"],
-        "pruned_top1": pruned_eval["top1"],
-        "pruned_top5": pruned_eval["top5"],
-        "params_dense": params_dense,
-        "params_pruned": params_pruned,
-        "prune_rate": 1.0 - params_pruned / params_dense,
-        "macs_dense": macs_dense,
-        "macs_pruned": macs_pruned,
-        "kept_units": int(final.sum()),
-        "num_units": int(final.numel()),
+        "pruned_top1": m["top1"],
+        "pruned_top5": m["top5"],
+        **{k: m[k] for k in ("params_dense", "params_pruned", "prune_rate", "macs_dense")},
+        **{k: m[k] for k in ("macs_pruned", "kept_units", "num_units")},
         "kept_per_layer": kept_per_layer(learner.units, final),
         "generations": search.generation,
         "converged_at": search.converged_at,
         "steps": learner.step,
         "dense_wall_s": dense.get("wall_s"),
     }
-
-
-def load_run_config(run_dir: Path) -> Config:
-    """The resolved config of an existing run."""
-    return load_config(run_dir / "config.yaml")

@@ -23,10 +23,19 @@ from .energy import compute_energies
 from .errors import UserError
 from .masking import Masker
 from .models import build_model, example_input
+from .slim import count_params_macs, slim_model
 from .train import build_optimizer, evaluate, train_step
 from .units import discover_units
 
-__all__ = ["Learner", "resolve_device", "fetch_batch", "test_batches", "run_edropout", "run_dense"]
+__all__ = [
+    "Learner",
+    "resolve_device",
+    "fetch_batch",
+    "test_batches",
+    "run_edropout",
+    "run_dense",
+    "measure_pruned",
+]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -187,6 +196,31 @@ def run_edropout(
                 on_generation(record)
         if on_checkpoint is not None and ckpt_steps and learner.step % ckpt_steps == 0:
             on_checkpoint()
+
+
+def measure_pruned(
+    learner: Learner, test_set: Dataset, state: torch.Tensor
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The end of a run: Top-1/Top-5 with ``state`` applied, and the physically slimmed model
+    with its parameters and MACs next to the dense model's. Moves the learner's model to the CPU.
+    """
+    scores = learner.evaluate(test_set, state)
+    model_cpu = learner.model.to("cpu").float()
+    slim = slim_model(model_cpu, learner.units, state, learner.example)
+    params_dense, macs_dense = count_params_macs(model_cpu, learner.example)
+    params_pruned, macs_pruned = count_params_macs(slim, learner.example)
+    return slim, {
+        "top1": scores["top1"],
+        "top5": scores["top5"],
+        "test_loss": scores["loss"],
+        "params_dense": params_dense,
+        "params_pruned": params_pruned,
+        "prune_rate": 1.0 - params_pruned / params_dense,
+        "macs_dense": macs_dense,
+        "macs_pruned": macs_pruned,
+        "kept_units": int(state.sum()),
+        "num_units": int(state.numel()),
+    }
 
 
 def run_dense(learner: Learner) -> None:

@@ -307,20 +307,13 @@ def edropout_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from .data import load_datasets
-    from .loop import Learner, run_edropout
+    from .data import load_for
+    from .loop import Learner, measure_pruned, run_edropout
     from .search import Search
-    from .slim import count_params_macs, slim_model
 
     cfg = trial_config(base, config)
     torch.set_num_threads(max(1, cfg.cpu_threads or int(_trial_cpus(cfg))))
-    train_set, test_set, info = load_datasets(
-        cfg.dataset,
-        data_root=cfg.data_root,
-        input_size=cfg.input_size,
-        download=cfg.download,
-        seed=cfg.seed,
-    )
+    train_set, test_set, info = load_for(cfg)
     learner = Learner(cfg, train_set, info, _trial_device(cfg))
     search = Search(cfg, learner.units.num_units)
     last: dict[str, Any] = {}
@@ -362,25 +355,12 @@ def edropout_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     run_edropout(learner, search, on_generation=on_generation, on_checkpoint=on_checkpoint)
 
     final = search.best.clone()
-    scores = learner.evaluate(test_set, final)
-    model_cpu = learner.model.to("cpu").float()
-    slim = slim_model(model_cpu, learner.units, final, learner.example)
-    params_dense, macs_dense = count_params_macs(model_cpu, learner.example)
-    params_pruned, macs_pruned = count_params_macs(slim, learner.example)
+    _slim, measured = measure_pruned(learner, test_set, final)
     result = {
         **last,
         "step": learner.step,
         "generation": search.generation,
-        "top1": scores["top1"],
-        "top5": scores["top5"],
-        "test_loss": scores["loss"],
-        "params_dense": params_dense,
-        "params_pruned": params_pruned,
-        "prune_rate": 1.0 - params_pruned / params_dense,
-        "macs_dense": macs_dense,
-        "macs_pruned": macs_pruned,
-        "kept_units": int(final.sum()),
-        "num_units": int(final.numel()),
+        **measured,
         "converged_at": -1 if search.converged_at is None else search.converged_at,
     }
     with tempfile.TemporaryDirectory() as d:  # the final mask, as the trial's last checkpoint
@@ -554,15 +534,9 @@ def sweep(
     spec = _spec(trial_cfg, checked, samples)
     resuming = _check_storage(path, spec)
 
-    from .data import load_datasets
+    from .data import load_for
 
-    _, _, info = load_datasets(  # data errors surface here, before Ray starts
-        cfg.dataset,
-        data_root=trial_cfg.data_root,
-        input_size=cfg.input_size,
-        download=cfg.download,
-        seed=cfg.seed,
-    )
+    _, _, info = load_for(cfg, trial_cfg.data_root)  # data errors surface here, before Ray starts
     steps_per_epoch = info.train_size // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(

@@ -22,7 +22,7 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from ..config import Config
-from ..data import DataInfo, load_datasets
+from ..data import DataInfo, load_for
 from ..energy import compute_energies
 from ..loop import Learner, resolve_device
 from ..masking import Masker
@@ -51,13 +51,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, cpus: float):
         _cpu_threads(cfg, cpus)
-        train_set, _test, info = load_datasets(
-            cfg.dataset,
-            data_root=cfg.data_root,
-            input_size=cfg.input_size,
-            download=cfg.download,
-            seed=cfg.seed,
-        )
+        train_set, _test, info = load_for(cfg)
         self.learner = Learner(cfg, train_set, info, _device(cfg))
 
     def info(self) -> dict[str, Any]:
