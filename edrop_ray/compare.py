@@ -458,10 +458,10 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 def _write_plot(path: Path, result: dict[str, Any]) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in result["rows"]:
-        ax.scatter(r["params"] / 1e6, r["top1"], s=40, label=r["method"])
-        ax.annotate(r["method"], (r["params"] / 1e6, r["top1"]), textcoords="offset points",
-                    xytext=(5, 5), fontsize=9)  # fmt: skip
+    markers = "o^sD"  # the baselines sit on EDropout's parameter count: shapes tell them apart
+    for i, r in enumerate(result["rows"]):
+        ax.scatter(r["params"] / 1e6, r["top1"], s=50, marker=markers[i % 4], label=r["method"],
+                   alpha=0.8)  # fmt: skip
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel("Top-1 (%)")
     ax.set_title(f"{result['model']} on {result['dataset']}")

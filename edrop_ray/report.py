@@ -36,10 +36,10 @@ class Progress:
     """One live line over the training steps, refreshed every generation with the search state.
 
     When output is not a terminal (CI, ``ray job`` logs), a plain line is printed every
-    ``log_every`` generations instead, so logs stay readable.
+    ``log_every`` generations instead (default: each), since a live bar cannot redraw there.
     """
 
-    def __init__(self, *, total: int, start: int = 0, quiet: bool = False, log_every: int = 10):
+    def __init__(self, *, total: int, start: int = 0, quiet: bool = False, log_every: int = 1):
         self.console = Console(stderr=True)
         self.quiet = quiet
         self.log_every = log_every
