@@ -58,7 +58,7 @@ from torch import nn  # noqa: E402
 
 from . import job, store  # noqa: E402
 from .config import Config, config_to_dict, dense_key, load_config  # noqa: E402
-from .data import load_datasets  # noqa: E402
+from .data import load_for  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .loop import Learner, resolve_device, run_dense  # noqa: E402
 from .slim import count_params_macs, slim_model  # noqa: E402
@@ -284,13 +284,7 @@ def compare(cfg: Config, out: str | Path, *, overwrite: bool = False, quiet: boo
     """
     out = Path(out)
     _check_out(out, overwrite)
-    data = load_datasets(
-        cfg.dataset,
-        data_root=cfg.data_root,
-        input_size=cfg.input_size,
-        download=cfg.download,
-        seed=cfg.seed,
-    )  # data errors surface here, before anything is written
+    data = load_for(cfg)  # data errors surface here, before anything is written
     device = resolve_device(cfg.device)
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
