@@ -26,7 +26,7 @@ test: $(STAMP)
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check edrop_ray tests benchmarks
+	$(VENV)/bin/ruff check edrop_ray tests benchmarks scripts
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_energy.py
