@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _common import add_common_args, sync
 from torch import nn
 
 from edrop_ray.energy import compute_energies, compute_energies_looped
@@ -54,20 +55,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--amp", default="none", choices=("none", "bf16"))
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="CPU threads (default 1: on a shared box, extra threads mostly measure contention)",
-    )
-    p.add_argument("--seed", type=int, default=0)
+    add_common_args(p)
     return p.parse_args()
-
-
-def sync(device: torch.device) -> None:
-    # CUDA kernels run asynchronously: the clock must wait for them.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def dense_forward(

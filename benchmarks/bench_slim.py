@@ -27,6 +27,7 @@ import statistics
 import time
 
 import torch
+from _common import add_common_args, csv
 from torch import nn
 
 from edrop_ray.masking import Masker
@@ -38,23 +39,13 @@ INPUT_SIZE = 32
 NUM_CLASSES = 10
 
 
-def csv(kind):
-    return lambda text: [kind(v) for v in text.split(",") if v]
-
-
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", type=csv(str), default=["resnet18", "squeezenet1_1"])
     p.add_argument("--keep", type=csv(float), default=[0.5, 0.3], help="kept fraction of units")
     p.add_argument("--batches", type=csv(int), default=[1, 64])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="CPU threads (default 1: on a shared box, extra threads mostly measure contention)",
-    )
-    p.add_argument("--seed", type=int, default=0)
+    add_common_args(p)
     return p.parse_args()
 
 

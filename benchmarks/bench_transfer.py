@@ -54,6 +54,7 @@ import statistics
 import time
 
 import torch
+from _common import add_common_args, csv, sync
 
 from edrop_ray.energy import compute_energies
 from edrop_ray.masking import Masker
@@ -62,10 +63,6 @@ from edrop_ray.slim import count_params_macs
 from edrop_ray.units import discover_units
 
 GB = 1e9
-
-
-def csv(kind):
-    return lambda text: [kind(v) for v in text.split(",") if v]
 
 
 def parse_args() -> argparse.Namespace:
@@ -104,19 +101,8 @@ def parse_args() -> argparse.Namespace:
         help="largest shard timed (default: 32 on the CPU, every shard on a GPU)",
     )
     p.add_argument("--target-eff", type=float, default=0.8, help="for the smallest-S table")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="CPU threads (default 1: on a shared box, extra threads mostly measure contention)",
-    )
-    p.add_argument("--seed", type=int, default=0)
+    add_common_args(p)
     return p.parse_args()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure_shards(model, masker, states, x, y, sizes, args, device) -> dict[int, float]:
