@@ -87,7 +87,7 @@ _CHOICES = {
 # Fields that change what a dense baseline learns: the key of its cache.
 _DENSE_FIELDS = (
     "dataset", "data_root", "input_size", "model", "small_input", "epochs", "batch_size",
-    "lr", "momentum", "weight_decay", "seed", "amp", "channels_last", "cpu_threads",
+    "lr", "momentum", "weight_decay", "seed", "amp", "channels_last", "cpu_threads", "device",
 )  # fmt: skip
 
 
