@@ -132,3 +132,12 @@ def test_resume_after_the_driver_is_killed(cluster, local_run, tmp_path):
     local = json.loads((local_run / "report.json").read_text())
     assert report["generations"] == local["generations"]
     assert report["pruned_top1"] == local["pruned_top1"]
+
+
+def test_nan_in_the_trainer_actor_reaches_the_driver_as_a_user_error(cluster):
+    """The CLI turns UserError into one line and exit 2; it must survive the actor boundary."""
+    from edrop_ray.errors import UserError
+
+    cfg = load_config(TINY, [*SAME, "backend=ray", "lr=1e30"])
+    with pytest.raises(UserError, match="lower the learning rate"):
+        _drive(cfg, lambda runtime, record: None)
