@@ -7,6 +7,7 @@ directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -133,7 +134,8 @@ def _execute(cfg, run_dir: Path, data, device, *, checkpoint: dict | None, quiet
         progress.generation(record, learner.step)
 
     try:
-        with progress:
+        guard = runtime.guard(str(run_dir)) if runtime is not None else contextlib.nullcontext()
+        with progress, guard:
             run_edropout(learner, search, on_generation=on_generation, on_checkpoint=save)
         if runtime is not None:
             learner = runtime.learner.to_local(local)

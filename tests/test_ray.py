@@ -141,3 +141,36 @@ def test_nan_in_the_trainer_actor_reaches_the_driver_as_a_user_error(cluster):
     cfg = load_config(TINY, [*SAME, "backend=ray", "lr=1e30"])
     with pytest.raises(UserError, match="lower the learning rate"):
         _drive(cfg, lambda runtime, record: None)
+
+
+def _pids_of(name: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", name], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_lost_trainer_stops_with_a_resume_hint_and_resume_finishes_the_run(
+    cluster, local_run, tmp_path
+):
+    import threading
+
+    from edrop_ray.errors import UserError
+
+    out = tmp_path / "trainer-lost"
+    killed = []
+
+    def kill_trainer_after_first_checkpoint():
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for pid in _pids_of("ray::Trainer"):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    watcher = threading.Thread(target=kill_trainer_after_first_checkpoint, daemon=True)
+    watcher.start()
+    with pytest.raises(UserError, match="edrop-ray resume"):
+        job.prune(load_config(TINY, [*SAME, "backend=ray"]), out, quiet=True)
+    watcher.join(timeout=60)
+    assert killed
+    job.resume(out, quiet=True)
+    assert torch.equal(mask_of(out), mask_of(local_run))

@@ -19,7 +19,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
 from ..config import Config
 from ..data import DataInfo, load_for
@@ -30,7 +30,7 @@ from ..models import build_model, example_input
 from ..search import Search
 from ..units import discover_units
 
-__all__ = ["Trainer", "Evaluator", "Coordinator"]
+__all__ = ["Trainer", "Evaluator", "Coordinator", "InputsLost"]
 
 
 def _device(cfg: Config) -> torch.device:
@@ -133,6 +133,19 @@ class Evaluator:
         return shard, energies
 
 
+class InputsLost(RuntimeError):
+    """The weights or the batch of a generation are gone (their owner, the trainer, died)."""
+
+
+def _inputs_lost(e: Exception) -> bool:
+    # An evaluator's own death is a bare RayActorError. A task error *caused* by a dead actor or
+    # a lost object means an input (made by the trainer) could not be had.
+    if isinstance(e, ObjectLostError):
+        return True
+    cause = getattr(e, "cause", None) if isinstance(e, RayTaskError) else None
+    return isinstance(cause, ObjectLostError | RayActorError)
+
+
 class Coordinator:
     """Owns the population; farms each generation out to the evaluators and selects."""
 
@@ -178,6 +191,7 @@ class Coordinator:
             submit(shard, worker)
         deadline = time.monotonic() + self.cfg.generation_timeout_s
         turn = 0
+        last_error: Exception | None = None
         while pending:
             timeout = max(0.0, deadline - time.monotonic())
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
@@ -190,13 +204,18 @@ class Coordinator:
                 try:
                     index, energies = ray.get(ref, timeout=self.cfg.generation_timeout_s)
                     results[index] = energies
-                except (RayActorError, RayTaskError, GetTimeoutError):
+                except (RayActorError, RayTaskError, GetTimeoutError, ObjectLostError) as e:
+                    if _inputs_lost(e):  # not the evaluator's fault: no one can judge this batch
+                        raise InputsLost(f"the generation's weights or batch are gone: {e}") from e
                     failed.append((shard, worker))
+                    last_error = e
             for shard, worker in failed:
                 self.live[worker] = False
                 others = [i for i, ok in enumerate(self.live) if ok]
                 if not others:
-                    raise RuntimeError("every evaluator failed or timed out in this generation")
+                    raise RuntimeError(
+                        f"every evaluator failed or timed out in this generation: {last_error!r}"
+                    )
                 self.reruns += 1
                 submit(shard, others[turn % len(others)])
                 turn += 1

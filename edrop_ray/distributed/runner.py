@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import ray
 import torch
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import (
     NodeAffinitySchedulingStrategy,
@@ -24,7 +27,7 @@ from ..config import Config
 from ..data import DataInfo
 from ..errors import UserError
 from ..loop import Learner
-from .actors import Coordinator, Evaluator, Trainer
+from .actors import Coordinator, Evaluator, InputsLost, Trainer
 
 __all__ = ["RayRuntime", "RemoteLearner", "RemoteSearch", "connect", "plan_resources"]
 
@@ -138,6 +141,18 @@ class RayRuntime:
         total = ray.get(self.trainer.info.remote(), timeout=_CONTROL_TIMEOUT_S)["total_steps"]
         self.learner = RemoteLearner(cfg, self.trainer, total)
         self.search = RemoteSearch(cfg, self.coordinator, num_units)
+
+    @contextmanager
+    def guard(self, run_dir: str) -> Iterator[None]:
+        """Turn the loss of the trainer or the coordinator (a node gone, a cluster restarted)
+        into one line that says how to continue: the last checkpoint is intact."""
+        try:
+            yield
+        except (RayActorError, GetTimeoutError, ObjectLostError, InputsLost) as e:
+            raise UserError(
+                f"the Ray run lost its trainer or coordinator ({type(e).__name__}); the last "
+                f"checkpoint is kept: continue with `edrop-ray resume {run_dir}`"
+            ) from e
 
     def identities(self) -> list[dict[str, Any]]:
         """pid and node of every evaluator (for tests and diagnostics)."""
