@@ -424,7 +424,7 @@ HEADERS = ("method", "Top-1 (%)", "Top-5 (%)", "params", "MACs", "pruning rate",
 def print_table(result: dict[str, Any]) -> None:
     table = Table(title=f"compare: {result['model']} on {result['dataset']}")
     for i, h in enumerate(HEADERS):
-        table.add_column(h, justify="left" if i == 0 else "right")
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for row in table_rows(result):
         table.add_row(*row)
     Console().print(table)
