@@ -95,6 +95,7 @@ class Learner:
             )
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.step = 0
+        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
         self.energy_generator = torch.Generator().manual_seed(cfg.seed + 1)
 
     def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,10 +106,12 @@ class Learner:
         """The batch of training step ``step``: a seeded permutation per epoch, so any step's
         batch can be found again after a resume."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
-        perm = torch.randperm(len(self.train_set), generator=g)
+        if self._perm_epoch != epoch:  # one permutation per epoch, not per step
+            g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+            self._perm = torch.randperm(len(self.train_set), generator=g)
+            self._perm_epoch = epoch
         bs = self.cfg.batch_size
-        return fetch_batch(self.train_set, perm[k * bs : (k + 1) * bs])
+        return fetch_batch(self.train_set, self._perm[k * bs : (k + 1) * bs])
 
     def energy_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A fresh random training batch on which one generation is judged (on the device)."""
