@@ -57,10 +57,10 @@ from rich.table import Table  # noqa: E402
 from torch import nn  # noqa: E402
 
 from . import job, store  # noqa: E402
-from .config import Config, config_to_dict, dense_key, load_config  # noqa: E402
+from .config import Config, config_to_dict, load_config  # noqa: E402
 from .data import load_for  # noqa: E402
 from .errors import UserError  # noqa: E402
-from .loop import Learner, resolve_device, run_dense  # noqa: E402
+from .loop import Learner, resolve_device  # noqa: E402
 from .slim import count_params_macs, slim_model  # noqa: E402
 from .train import build_optimizer  # noqa: E402
 from .units import Units, build_dependency, find_classifier  # noqa: E402
@@ -300,14 +300,9 @@ def compare(cfg: Config, out: str | Path, *, overwrite: bool = False, quiet: boo
 
     # 1. dense, the baseline every pruned model starts from
     _say(console, f"compare: dense training ({learner.total_steps} steps)")
-    t0 = time.perf_counter()
-    run_dense(learner)
-    dense_eval = learner.evaluate(test_set, None)
-    dense_wall = time.perf_counter() - t0
-    cache = job._cache_dir() / "dense" / f"{dense_key(cfg)}.json"
-    if not cache.is_file():  # the EDropout job's dense baseline is this very run
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        store.write_json(cache, {**dense_eval, "wall_s": dense_wall})
+    # recorded as the dense baseline too: the EDropout job below does not train it again
+    dense_eval = job.train_dense(learner, test_set)
+    dense_wall = dense_eval["wall_s"]
     example = learner.example
     dense_model = copy.deepcopy(learner.model).to("cpu").float()
     units = learner.units

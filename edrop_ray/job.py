@@ -25,30 +25,40 @@ from .report import Progress, print_summary, write_plots
 from .search import Search
 from .slim import kept_per_layer, save_pruned
 
-__all__ = ["prune", "resume", "dense_baseline"]
+__all__ = ["prune", "resume", "dense_baseline", "train_dense"]
 
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("EDROP_RAY_CACHE", Path.home() / ".cache" / "edrop_ray"))
 
 
+def _dense_cache_path(cfg: Config) -> Path:
+    return _cache_dir() / "dense" / f"{dense_key(cfg)}.json"
+
+
+def train_dense(learner: Learner, test_set) -> dict[str, Any]:
+    """Train ``learner`` dense for its whole budget, evaluate it, and record the result as the
+    cached dense baseline of its config (``edrop-ray compare`` keeps the trained model)."""
+    t0 = time.perf_counter()
+    run_dense(learner)
+    result = learner.evaluate(test_set, None)
+    result["wall_s"] = time.perf_counter() - t0
+    path = _dense_cache_path(learner.cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    store.write_json(path, result)
+    return result
+
+
 def dense_baseline(cfg: Config, data, device: torch.device) -> dict[str, Any]:
     """Top-1/Top-5 of the dense model trained with the same budget; cached per config and seed."""
-    path = _cache_dir() / "dense" / f"{dense_key(cfg)}.json"
+    path = _dense_cache_path(cfg)
     if path.is_file():
         try:
             return json.loads(path.read_text())
         except json.JSONDecodeError:
             pass  # a damaged cache entry is recomputed, never trusted
     train_set, test_set, info = data
-    t0 = time.perf_counter()
-    learner = Learner(cfg, train_set, info, device)
-    run_dense(learner)
-    result = learner.evaluate(test_set, None)
-    result["wall_s"] = time.perf_counter() - t0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    store.write_json(path, result)
-    return result
+    return train_dense(Learner(cfg, train_set, info, device), test_set)
 
 
 def _start_backend(cfg: Config, local: Learner):
