@@ -113,11 +113,15 @@ class Learner:
         bs = self.cfg.batch_size
         return fetch_batch(self.train_set, self._perm[k * bs : (k + 1) * bs])
 
-    def energy_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A fresh random training batch on which one generation is judged (on the device)."""
+    def draw_energy_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fresh random training batch (CPU) on which one generation is judged."""
         n = min(self.cfg.energy_batch_size, len(self.train_set))
         idx = torch.randperm(len(self.train_set), generator=self.energy_generator)[:n]
-        return self._to_device(*fetch_batch(self.train_set, idx))
+        return fetch_batch(self.train_set, idx)
+
+    def energy_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`draw_energy_batch`, on the learner's device."""
+        return self._to_device(*self.draw_energy_batch())
 
     def energies(self, states: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg

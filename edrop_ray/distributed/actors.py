@@ -62,8 +62,7 @@ class Trainer:
 
     def energy_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next generation's batch (CPU tensors); returned through the object store."""
-        x, y = self.learner.energy_batch()
-        return x.cpu(), y.cpu()
+        return self.learner.draw_energy_batch()
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The current weights and BN statistics (CPU); returned through the object store."""
@@ -155,6 +154,7 @@ class Coordinator:
         self.evaluators = list(evaluators)
         self.live = [True] * len(self.evaluators)
         self.reruns = 0  # shards re-run on another evaluator, over the whole run
+        self._probes: dict[int, ray.ObjectRef] = {}  # liveness probes of evaluators marked dead
 
     def generation(
         self, batch: list[ray.ObjectRef], weights: list[ray.ObjectRef], version: int
@@ -225,17 +225,24 @@ class Coordinator:
         return torch.cat([results[i] for i in range(len(shards))])
 
     def _revive(self) -> None:
-        """Give evaluators marked dead another chance once Ray has restarted them."""
+        """Give evaluators marked dead another chance once Ray has restarted them.
+
+        A probe is sent once and only looked at (timeout 0) each generation, so an evaluator
+        whose node is gone for good never makes the generations wait.
+        """
         for i, ok in enumerate(self.live):
             if ok:
                 continue
-            ready, _ = ray.wait([self.evaluators[i].identity.remote()], timeout=0.5)
-            if ready:
-                try:
-                    ray.get(ready[0], timeout=1.0)
-                    self.live[i] = True
-                except (RayActorError, RayTaskError, GetTimeoutError):
-                    pass
+            probe = self._probes.setdefault(i, self.evaluators[i].identity.remote())
+            ready, _ = ray.wait([probe], timeout=0)
+            if not ready:
+                continue
+            del self._probes[i]
+            try:
+                ray.get(probe, timeout=1.0)
+                self.live[i] = True
+            except (RayActorError, RayTaskError, GetTimeoutError):
+                pass  # still down: a new probe goes out next generation
 
     def live_evaluators(self) -> int:
         return sum(self.live)
