@@ -59,15 +59,17 @@ def compute_energies(
         return torch.empty(0)
     per_pass = states_per_pass if states_per_pass > 0 else _auto_per_pass(x, n_states)
     out = torch.empty(n_states, dtype=torch.float32)
+    # The batch replicated once for a full pass; a shorter last pass uses the front of it.
+    xs_all = x.repeat(min(per_pass, n_states), *([1] * (x.dim() - 1)))
+    ys_all = y.repeat(min(per_pass, n_states))
     try:
         for start in range(0, n_states, per_pass):
             chunk = states[start : start + per_pass].to(x.device)
             k = chunk.shape[0]
             masker.set_states(chunk)
-            xs = x.repeat(k, *([1] * (x.dim() - 1)))  # (k*B, C, H, W), replica s = state s
             with _autocast(x.device, amp):
-                logits = model(xs)
-            loss = F.cross_entropy(logits.float(), y.repeat(k), reduction="none")
+                logits = model(xs_all[: k * batch])  # replica s is judged with state s
+            loss = F.cross_entropy(logits.float(), ys_all[: k * batch], reduction="none")
             out[start : start + k] = loss.view(k, batch).mean(dim=1).cpu()
     finally:
         masker.set_states(None)

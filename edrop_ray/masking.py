@@ -40,10 +40,12 @@ class Masker:
             mask = self._masks.get(name)
             if mask is None:
                 return None
+            if mask.dtype != out.dtype:  # bf16 autocast: convert once per set_states, not per pass
+                mask = self._masks[name] = mask.to(out.dtype)
             n_states = mask.shape[0]
             # (S*B, C, ...) -> (S, B, C, ...) times (S, 1, C, 1, ...)
             shaped = out.view(n_states, -1, *out.shape[1:])
-            m = mask.view(n_states, 1, mask.shape[1], *([1] * (out.dim() - 2))).to(out.dtype)
+            m = mask.view(n_states, 1, mask.shape[1], *([1] * (out.dim() - 2)))
             if torch.is_grad_enabled():
                 return (shaped * m).view(out.shape)
             shaped.mul_(m)  # no autograd to protect: save the extra activation-sized tensor
