@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -83,6 +84,10 @@ class Learner:
         self.units = discover_units(model, self.example)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model = model.to(device=device, memory_format=self.memory_format)
+        # Dropout (AlexNet, SqueezeNet) draws from torch's global generator. The learner keeps
+        # that generator's state as its own, swaps it in around each training step and saves it
+        # in checkpoints, so a resumed run draws the same dropout masks as an unbroken one.
+        self.rng_state = self._global_rng_state()
         self.masker = Masker(self.model, self.units)
         self.optimizer = build_optimizer(
             self.model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -97,6 +102,23 @@ class Learner:
         self.step = 0
         self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
         self.energy_generator = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def _global_rng_state(self) -> dict[str, torch.Tensor]:
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    @contextmanager
+    def own_rng(self) -> Iterator[None]:
+        """Run the block on this learner's own random stream; the global one is untouched."""
+        cuda = self.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.device] if cuda else []):
+            torch.set_rng_state(self.rng_state["cpu"])
+            if cuda and "cuda" in self.rng_state:
+                torch.cuda.set_rng_state(self.rng_state["cuda"], self.device)
+            yield
+            self.rng_state = self._global_rng_state()
 
     def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
@@ -139,7 +161,10 @@ class Learner:
     def train(self, state: torch.Tensor | None) -> float:
         """One masked step on the next training batch; raises UserError on a NaN loss."""
         x, y = self._to_device(*self.train_batch(self.step))
-        loss = train_step(self.model, self.optimizer, self.masker, state, x, y, amp=self.cfg.amp)
+        with self.own_rng():
+            loss = train_step(
+                self.model, self.optimizer, self.masker, state, x, y, amp=self.cfg.amp
+            )
         if not math.isfinite(loss):
             raise UserError(
                 f"training loss became {loss} at step {self.step}; lower the learning rate "
@@ -164,6 +189,7 @@ class Learner:
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "energy_generator": self.energy_generator.get_state(),
+            "rng": dict(self.rng_state),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -171,6 +197,11 @@ class Learner:
         self.optimizer.load_state_dict(sd["optimizer"])
         self.step = int(sd["step"])
         self.energy_generator.set_state(sd["energy_generator"])
+        if "rng" in sd:  # checkpoints written before the learner kept its own dropout stream
+            rng = dict(sd["rng"])
+            if self.device.type != "cuda":
+                rng.pop("cuda", None)  # a CUDA run resumed on a CPU keeps the CPU stream
+            self.rng_state = rng
 
 
 def run_edropout(
