@@ -5,3 +5,15 @@ The algorithm (units, masking, energy, population, training, slimming) is plain 
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["EDropout", "DEParams", "__version__"]
+
+
+def __getattr__(name: str):
+    # The public API imports torch and Torch-Pruning; load it on first use, so that the CLI
+    # starts (and refuses bad input) without paying for them.
+    if name in ("EDropout", "DEParams"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'edrop_ray' has no attribute {name!r}")

@@ -11,12 +11,14 @@ Shapes: ``S`` members, ``D`` units; states are ``(S, D)`` bool tensors (True = k
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
 __all__ = [
-    "MUTATIONS",
+    "mutations",
+    "register_mutation",
     "Population",
     "init_states",
     "start",
@@ -26,8 +28,6 @@ __all__ = [
     "diversity",
     "kept_fraction",
 ]
-
-MUTATIONS = ("logical", "sigmoid")
 
 
 class Population(NamedTuple):
@@ -69,6 +69,41 @@ def _pick_parents(size: int, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(size, size, generator=generator).argsort(dim=1)[:, :3]
 
 
+MutationFn = Callable[..., torch.Tensor]
+_MUTATIONS: dict[str, MutationFn] = {}
+
+
+def register_mutation(name: str) -> Callable[[MutationFn], MutationFn]:
+    """Decorator: make ``fn(s_a, s_b, s_c, *, F, kappa, generator) -> mutant`` the mutation
+    operator called ``name`` (``--set mutation=name``). All states are (S, D) bool."""
+
+    def register(fn: MutationFn) -> MutationFn:
+        _MUTATIONS[name] = fn
+        return fn
+
+    return register
+
+
+def mutations() -> tuple[str, ...]:
+    """Names of the registered mutation operators."""
+    return tuple(_MUTATIONS)
+
+
+@register_mutation("logical")
+def mutate_logical(s_a, s_b, s_c, *, F: float, kappa: float, generator) -> torch.Tensor:
+    """Where ``u < F`` and ``s_b OR s_c``, the mutant bit is ``NOT s_a``, else ``s_a``."""
+    flip = (torch.rand(s_a.shape, generator=generator) < F) & (s_b | s_c)
+    return s_a ^ flip
+
+
+@register_mutation("sigmoid")
+def mutate_sigmoid(s_a, s_b, s_c, *, F: float, kappa: float, generator) -> torch.Tensor:
+    """``v = s_a + F (s_b - s_c)``; bit = 1 with probability ``sigmoid(kappa (v - 0.5))``."""
+    v = s_a.float() + F * (s_b.float() - s_c.float())
+    prob = torch.sigmoid(kappa * (v - 0.5))
+    return torch.rand(s_a.shape, generator=generator) < prob
+
+
 def ask(
     states: torch.Tensor,
     *,
@@ -80,26 +115,20 @@ def ask(
 ) -> torch.Tensor:
     """Propose one trial state per member by binary DE: mutation then binomial crossover.
 
-    ``logical``: where ``u < F`` and ``s_b OR s_c``, the mutant bit is ``NOT s_a``, else ``s_a``.
-    ``sigmoid``: ``v = s_a + F (s_b - s_c)``; bit = 1 with probability ``sigmoid(kappa (v - 0.5))``.
-    Crossover: each trial bit comes from the mutant with probability ``CR``, else from the member.
+    ``mutation`` names a registered operator (:func:`mutations`; "logical" and "sigmoid" are
+    built in). Crossover: each trial bit comes from the mutant with probability ``CR``, else from
+    the member.
 
     states: (S, D) bool. Returns trials (S, D) bool.
     """
     size, num_units = states.shape
     if size < 4:
         raise ValueError(f"population needs at least 4 members for DE, got {size}")
+    if mutation not in _MUTATIONS:
+        raise ValueError(f"unknown mutation {mutation!r}; choose one of {mutations()}")
     parents = _pick_parents(size, generator)
     s_a, s_b, s_c = (states[parents[:, k]] for k in range(3))
-    if mutation == "logical":
-        flip = (torch.rand(size, num_units, generator=generator) < F) & (s_b | s_c)
-        mutant = s_a ^ flip
-    elif mutation == "sigmoid":
-        v = s_a.float() + F * (s_b.float() - s_c.float())
-        prob = torch.sigmoid(kappa * (v - 0.5))
-        mutant = torch.rand(size, num_units, generator=generator) < prob
-    else:
-        raise ValueError(f"unknown mutation {mutation!r}; choose one of {MUTATIONS}")
+    mutant = _MUTATIONS[mutation](s_a, s_b, s_c, F=F, kappa=kappa, generator=generator)
     take_mutant = torch.rand(size, num_units, generator=generator) < CR
     return torch.where(take_mutant, mutant, states)
 

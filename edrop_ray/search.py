@@ -8,7 +8,9 @@ them to :meth:`Search.select`. The in-process loop and the Ray coordinator both 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,14 +19,40 @@ from . import population as pop
 from .config import Config
 from .errors import UserError
 
-__all__ = ["Search"]
+__all__ = ["DEParams", "Search"]
+
+
+@dataclass(frozen=True)
+class DEParams:
+    """The search's own settings: the population, its DE operators, budget and convergence.
+
+    A test or a user's own loop builds one in a line (``DEParams(population_size=8)``);
+    :meth:`from_config` takes them from a run's :class:`~edrop_ray.config.Config`.
+    """
+
+    population_size: int = 8
+    p0: float = 0.5
+    mutation: str = "logical"
+    F: float = 0.9
+    CR: float = 0.7
+    kappa: float = 10.0
+    target_prune_rate: float | None = None  # hard budget on the kept-unit fraction
+    diversity_threshold: float = 0.02
+    patience: int = 10
+    max_generations: int = 0  # 0 = no cap
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> DEParams:
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
 class Search:
     """Population, generator and convergence state of one EDropout run."""
 
-    def __init__(self, cfg: Config, num_units: int):
-        self.cfg = cfg
+    def __init__(self, params: DEParams | Config, num_units: int):
+        cfg = params if isinstance(params, DEParams) else DEParams.from_config(params)
+        self.params = cfg
         self.num_units = num_units
         self.generator = torch.Generator().manual_seed(cfg.seed)
         states = pop.init_states(
@@ -51,7 +79,7 @@ class Search:
 
     def propose(self) -> torch.Tensor:
         """Members then trials of the next generation: (2S, D) bool, to be judged together."""
-        cfg = self.cfg
+        cfg = self.params
         trials = pop.ask(
             self.population.states,
             F=cfg.F,
@@ -72,7 +100,7 @@ class Search:
         """
         if self._trials is None:
             raise RuntimeError("select() called without propose()")
-        size = self.cfg.population_size
+        size = self.params.population_size
         if energies.shape != (2 * size,):
             raise ValueError(f"expected {2 * size} energies, got {tuple(energies.shape)}")
         if not bool(torch.isfinite(energies).all()):
@@ -83,7 +111,7 @@ class Search:
         self.population = pop.tell(self.population, self._trials, energies[:size], energies[size:])
         self._trials = None
         div = pop.diversity(self.population.states)
-        cfg = self.cfg
+        cfg = self.params
         if div < cfg.diversity_threshold or self.population.unchanged >= cfg.patience:
             self.frozen = True
             self.converged_at = self.population.generation

@@ -24,7 +24,7 @@ def test_parents_are_distinct():
         assert len(set(row)) == 3
 
 
-@pytest.mark.parametrize("mutation", pop.MUTATIONS)
+@pytest.mark.parametrize("mutation", pop.mutations())
 def test_ask_is_seeded_and_shaped(mutation):
     s = pop.init_states(size=8, num_units=40, p0=0.5, generator=gen())
     a = pop.ask(s, F=0.9, CR=0.7, mutation=mutation, generator=gen(5))
