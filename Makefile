@@ -26,7 +26,8 @@ test: $(STAMP)
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check edrop_ray tests benchmarks scripts
+	$(VENV)/bin/ruff check edrop_ray tests benchmarks scripts examples
+	$(VENV)/bin/ruff format --check edrop_ray tests benchmarks scripts examples
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_energy.py
