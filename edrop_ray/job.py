@@ -8,6 +8,7 @@ directory.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from . import store
+from . import __version__, store
 from .config import Config, config_to_dict, dense_key, validate
 from .data import load_for
 from .errors import UserError
@@ -32,8 +33,29 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("EDROP_RAY_CACHE", Path.home() / ".cache" / "edrop_ray"))
 
 
-def _dense_cache_path(cfg: Config) -> Path:
-    return _cache_dir() / "dense" / f"{dense_key(cfg)}.json"
+def data_fingerprint(train_set, test_set, samples: int = 16) -> str:
+    """A short hash of what the data holds: sizes, and a fixed spread of samples from each set
+    (every sample of an in-memory TensorDataset). A changed data set gets a new dense baseline."""
+    h = hashlib.sha256()
+    for dataset in (train_set, test_set):
+        n = len(dataset)
+        h.update(str(n).encode())
+        tensors = getattr(dataset, "tensors", None)
+        if tensors is not None:
+            items = [t.contiguous() for t in tensors]
+        else:
+            idx = sorted({int(i) for i in torch.linspace(0, n - 1, min(samples, n))})
+            items = [torch.as_tensor(v) for i in idx for v in dataset[i]]
+        for t in items:
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def dense_cache_path(cfg: Config, train_set, test_set) -> Path:
+    # The key holds the config fields that change what the dense model learns, the package
+    # version (a new version may train differently) and the data's fingerprint.
+    key = f"{dense_key(cfg)}-{__version__}-{data_fingerprint(train_set, test_set)}"
+    return _cache_dir() / "dense" / f"{key}.json"
 
 
 def train_dense(learner: Learner, test_set) -> dict[str, Any]:
@@ -43,7 +65,7 @@ def train_dense(learner: Learner, test_set) -> dict[str, Any]:
     run_dense(learner)
     result = learner.evaluate(test_set, None)
     result["wall_s"] = time.perf_counter() - t0
-    path = _dense_cache_path(learner.cfg)
+    path = dense_cache_path(learner.cfg, learner.train_set, test_set)
     path.parent.mkdir(parents=True, exist_ok=True)
     store.write_json(path, result)
     return result
@@ -51,12 +73,17 @@ def train_dense(learner: Learner, test_set) -> dict[str, Any]:
 
 def dense_baseline(cfg: Config, data, device: torch.device) -> dict[str, Any]:
     """Top-1/Top-5 of the dense model trained with the same budget; cached per config and seed."""
-    path = _dense_cache_path(cfg)
+    train_set, test_set, _info = data
+    path = dense_cache_path(cfg, train_set, test_set)
     if path.is_file():
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            pass  # a damaged cache entry is recomputed, never trusted
+            cached = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            cached = None  # a damaged cache entry is recomputed, never trusted
+        if isinstance(cached, dict) and all(
+            isinstance(cached.get(k), int | float) for k in ("top1", "top5")
+        ):
+            return cached
     train_set, test_set, info = data
     return train_dense(Learner(cfg, train_set, info, device), test_set)
 
