@@ -60,6 +60,7 @@ class Config:
     patience: int = 10  # freeze when the best state is unchanged this many generations
     max_generations: int = 0  # 0 = no cap besides the training budget
     snapshot_every: int = 5  # population snapshots to population.parquet
+    bn_recalibrate: int = 0  # training batches to re-estimate BN statistics under the final mask
     # --- distributed runtime (Ray)
     backend: str = "ray"  # ray (a local instance when no cluster is given) | local (in process)
     num_evaluators: int = 0  # 0 = one per GPU, else min(2, CPUs)
@@ -192,6 +193,9 @@ def validate(cfg: Config) -> Config:
     )
     need(cfg.trainer_cpus >= 0, f"trainer_cpus must be >= 0 (0 = auto), got {cfg.trainer_cpus}")
     need(cfg.cpu_threads >= 0, f"cpu_threads must be >= 0 (0 = auto), got {cfg.cpu_threads}")
+    need(
+        cfg.bn_recalibrate >= 0, f"bn_recalibrate must be >= 0 (0 = off), got {cfg.bn_recalibrate}"
+    )
     for key, choices in _CHOICES.items():
         if choices:
             v = getattr(cfg, key)

@@ -191,6 +191,14 @@ def _execute(cfg, run_dir: Path, data, device, *, checkpoint: dict | None, quiet
 def _finish(cfg, run_dir, learner, search, test_set, dense, history, snapshots) -> dict:
     """Evaluate, slim and save the final model; write history, population, mask and plots."""
     final = search.best.clone()
+    recalibration = {}
+    if cfg.bn_recalibrate:
+        before = learner.evaluate(test_set, final)
+        used = learner.recalibrate_bn(final, cfg.bn_recalibrate)
+        recalibration = {
+            "bn_recalibrate_batches": used,
+            "top1_before_bn_recalibrate": before["top1"],
+        }
     slim, m = measure_pruned(learner, test_set, final)
     info = learner.info
     save_pruned(
@@ -223,4 +231,5 @@ def _finish(cfg, run_dir, learner, search, test_set, dense, history, snapshots) 
         "converged_at": search.converged_at,
         "steps": learner.step,
         "dense_wall_s": dense.get("wall_s"),
+        **recalibration,
     }

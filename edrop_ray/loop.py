@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from .config import Config
@@ -37,6 +38,9 @@ __all__ = [
     "run_dense",
     "measure_pruned",
 ]
+
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -182,6 +186,41 @@ class Learner:
             state=state,
             channels_last=self.cfg.channels_last,
         )
+
+    @torch.no_grad()
+    def recalibrate_bn(self, state: torch.Tensor | None, batches: int) -> int:
+        """Re-estimate every BatchNorm's running statistics with ``state`` applied, as a plain
+        average over ``batches`` training batches of a fixed, seeded order. Training moves the
+        statistics with momentum while the mask and weights change; this measures them for the
+        final network. Nothing else changes (dropout stays off). Returns the batches used."""
+        norms = [m for m in self.model.modules() if isinstance(m, _BATCH_NORMS)]
+        bs = self.cfg.batch_size
+        batches = min(batches, len(self.train_set) // bs)
+        if not norms or batches <= 0:
+            return 0
+        saved = [(m.momentum, m.training) for m in norms]
+        was_training = self.model.training
+        self.model.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches seen
+            m.train()
+        order = torch.randperm(
+            len(self.train_set), generator=torch.Generator().manual_seed(self.cfg.seed + 2)
+        )
+        try:
+            with self.masker.applied(state):
+                for k in range(batches):
+                    x, _y = self._to_device(
+                        *fetch_batch(self.train_set, order[k * bs : (k + 1) * bs])
+                    )
+                    self.model(x)
+        finally:
+            for m, (momentum, training) in zip(norms, saved, strict=True):
+                m.momentum = momentum
+                m.train(training)
+            self.model.train(was_training)
+        return batches
 
     def state_dict(self) -> dict[str, Any]:
         return {
