@@ -77,10 +77,13 @@ def test_tell_never_worsens_any_member_and_picks_lowest():
     g = gen(3)
     s = pop.init_states(size=8, num_units=16, p0=0.5, generator=g)
     p = pop.start(s)
+    ties = 0
     for _ in range(20):
         trials = pop.ask(p.states, F=0.9, CR=0.7, generator=g)
-        member_e = torch.rand(8, generator=g)
-        trial_e = torch.rand(8, generator=g)
+        # three energy levels, so ties between member and trial occur in most generations
+        member_e = torch.randint(0, 3, (8,), generator=g).float()
+        trial_e = torch.randint(0, 3, (8,), generator=g).float()
+        ties += int((member_e == trial_e).sum())
         new = pop.tell(p, trials, member_e, trial_e)
         assert bool((new.energies <= member_e).all())
         assert new.best_energy == float(new.energies.min())
@@ -91,6 +94,7 @@ def test_tell_never_worsens_any_member_and_picks_lowest():
         assert torch.equal(new.states[~replaced], p.states[~replaced])
         p = new
     assert p.generation == 20
+    assert ties > 20, "the energies must tie sometimes for this test to check `<=`"
 
 
 def test_diversity_matches_pairwise_hamming():
@@ -164,3 +168,45 @@ def test_search_refuses_non_finite_energies():
     e[1] = float("nan")
     with pytest.raises(UserError, match="lower the learning rate"):
         s.select(e)
+
+
+def test_tie_lets_the_trial_in():
+    """Selection is `<=`: on equal energies the trial replaces its member (`<` would not)."""
+    g = gen(7)
+    s = pop.init_states(size=6, num_units=24, p0=0.5, generator=g)
+    trials = ~s  # every trial differs from its member in every bit
+    energies = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    new = pop.tell(pop.start(s), trials, energies, energies.clone())
+    assert torch.equal(new.states, trials)
+    worse = pop.tell(pop.start(s), trials, energies, energies + 1e-6)
+    assert torch.equal(worse.states, s)
+
+
+def test_observed_flip_and_crossover_rates_match_F_and_CR():
+    """Logical mutation flips s_a where u < F and (s_b or s_c); crossover takes the mutant with
+    probability CR. With every member identical (s_a = s_b = s_c = s_i = all ones), a trial bit
+    is 0 exactly when it came from the mutant *and* was flipped: rate F * CR. With CR = 1 it
+    is F; with F = 1 it is CR. 48,000 bits each: 5 sigma is under 0.012."""
+    ones = torch.ones(12, 4000, dtype=torch.bool)
+    for F, CR in [(0.9, 0.7), (0.3, 1.0), (1.0, 0.4), (0.2, 0.2)]:
+        trials = pop.ask(ones, F=F, CR=CR, generator=gen(11))
+        off = 1.0 - float(trials.float().mean())
+        assert abs(off - F * CR) < 0.012, (F, CR, off)
+
+
+def test_crossover_takes_member_bits_at_rate_1_minus_CR():
+    """With members all ones and the mutant all zeros (F = 1 flips every bit of s_a), a trial
+    bit equals its member's with probability 1 - CR."""
+    ones = torch.ones(12, 4000, dtype=torch.bool)
+    trials = pop.ask(ones, F=1.0, CR=0.35, generator=gen(12))
+    assert abs(float(trials.float().mean()) - 0.65) < 0.012
+
+
+def test_member_zero_is_dense_unless_a_budget_repairs_it():
+    from edrop_ray.search import DEParams, Search
+
+    free = Search(DEParams(population_size=6, seed=3), 50)
+    assert bool(free.population.states[0].all()) and bool(free.best.all())
+    budget = Search(DEParams(population_size=6, seed=3, target_prune_rate=0.5), 50)
+    assert int(budget.population.states[0].sum()) == 25
+    assert bool((budget.population.states.sum(1) <= 25).all())
