@@ -17,7 +17,6 @@ from edrop_ray.models import build_model
 from edrop_ray.units import discover_units
 
 
-
 def randomise_norms(model: torch.nn.Module, seed: int) -> None:
     """Non-trivial BN statistics, so a buffer left behind shows."""
     g = torch.Generator().manual_seed(seed)
