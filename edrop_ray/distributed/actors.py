@@ -14,6 +14,7 @@ resources and placement of the run.
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 import ray
@@ -158,8 +159,9 @@ class Evaluator:
         batch: tuple[torch.Tensor, torch.Tensor],
         weights: list[ray.ObjectRef] | None,
         version: int,
-    ) -> tuple[int, torch.Tensor]:
-        """Energies of the bit-packed ``packed`` states -> (shard, (n,) float).
+    ) -> tuple[int, torch.Tensor, float]:
+        """Energies of the bit-packed ``packed`` states -> (shard, (n,) float, seconds spent
+        computing them).
 
         ``weights`` is a one-element list with the object-store reference (Ray hands it over
         unresolved: the weights are fetched only when their version changed, after a restart
@@ -173,6 +175,7 @@ class Evaluator:
                 )
             self.model.load_state_dict(ray.get(weights[0]))
             self.version = version
+        t0 = time.perf_counter()
         states = unpack_states(packed, self.units.num_units)
         x, y = batch
         x = x.to(self.device).contiguous(memory_format=self.memory_format)
@@ -186,7 +189,7 @@ class Evaluator:
             sparsity_lambda=self.cfg.sparsity_lambda,
             amp=self.cfg.amp,
         )
-        return shard, energies
+        return shard, energies, time.perf_counter() - t0
 
 
 class InputsLost(RuntimeError):
@@ -227,17 +230,28 @@ class Coordinator:
         self.epoch = -1  # the group's formation number
         self.regroups = 0
         self.synced = -1  # the weights version every member holds
-        self.sync_log: list[dict[str, float]] = []  # the trainer's side of each broadcast
+        # the trainer's side of each broadcast, and where each generation's time went
+        self.sync_log: deque[dict[str, float]] = deque(maxlen=1000)
+        self.timings: deque[dict[str, Any]] = deque(maxlen=1000)
 
     def generation(
         self, batch: list[ray.ObjectRef], weights: list[ray.ObjectRef] | None, version: int
     ) -> dict[str, Any]:
         """Propose, evaluate across evaluators, select; return the record and the new state."""
+        t0 = time.perf_counter()
         if self.transport == "collective":
             self._sync(version)
+        t1 = time.perf_counter()
         candidates = self.search.propose()
+        t2 = time.perf_counter()
+        self._compute: list[float] = []
         energies = self._evaluate(candidates, batch[0], weights, version)
+        t3 = time.perf_counter()
         record = self.search.select(energies)
+        self.timings.append(
+            {"sync_s": t1 - t0, "propose_s": t2 - t1, "evaluate_s": t3 - t2,
+             "compute_s": self._compute, "select_s": time.perf_counter() - t3}
+        )  # fmt: skip
         p = self.search.population
         record["evaluators"] = sum(self.live)
         return {
@@ -368,8 +382,9 @@ class Coordinator:
             for ref in ready:
                 shard, worker = pending.pop(ref)
                 try:
-                    index, energies = ray.get(ref, timeout=self.cfg.generation_timeout_s)
+                    index, energies, seconds = ray.get(ref, timeout=self.cfg.generation_timeout_s)
                     results[index] = energies
+                    self._compute.append(seconds)
                 except (RayActorError, RayTaskError, GetTimeoutError, ObjectLostError) as e:
                     if _inputs_lost(e):  # not the evaluator's fault: no one can judge this batch
                         raise InputsLost(f"the generation's weights or batch are gone: {e}") from e
@@ -410,6 +425,11 @@ class Coordinator:
             except (RayActorError, RayTaskError, GetTimeoutError):
                 pass  # still down: a new probe goes out next generation
 
+    def timing_log(self) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
+        """Per generation: seconds in weight sync, propose, evaluate (wall), each shard's
+        compute, select; and the trainer's side of each broadcast (bytes, pack, broadcast)."""
+        return [dict(t) for t in self.timings], [dict(t) for t in self.sync_log]
+
     def live_evaluators(self) -> int:
         return sum(self.live)
 
@@ -420,7 +440,6 @@ class Coordinator:
             "lost_in_sync": self.lost_in_sync,
             "regroups": self.regroups,
             "members": list(self.members or []),
-            "syncs": list(self.sync_log),
         }
 
     def state_dict(self) -> dict[str, Any]:
