@@ -75,6 +75,9 @@ class Config:
     generation_timeout_s: float = 120.0
     checkpoint_every: int = 10  # generations between checkpoints; 0 = only at the end
     ray_address: str = ""  # empty = attach to a running cluster/job, else start a local one
+    # --- weights from the trainer to the evaluators (Ray backend)
+    weights_transport: str = "auto"  # auto (collective where one forms) | collective | object_store
+    weights_dtype: str = "fp32"  # fp32 (exact) | bf16 (half the bytes; energies move, see README)
 
 
 _CHOICES = {
@@ -83,6 +86,8 @@ _CHOICES = {
     "mutation": ("logical", "sigmoid"),
     "backend": ("local", "ray"),
     "placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    "weights_transport": ("auto", "collective", "object_store"),
+    "weights_dtype": ("fp32", "bf16"),
 }
 
 # Fields that change what a dense baseline learns: the key of its cache.

@@ -159,6 +159,8 @@ def _execute(cfg, run_dir: Path, data, device, *, checkpoint: dict | None, quiet
         )
 
     progress = Progress(total=learner.total_steps, start=learner.step, quiet=quiet)
+    if runtime is not None and not quiet:  # the header: how the weights travel
+        progress.console.print(runtime.transport_line, highlight=False)
     t_run = time.perf_counter()
 
     def on_generation(record: dict[str, Any]) -> None:
@@ -181,6 +183,7 @@ def _execute(cfg, run_dir: Path, data, device, *, checkpoint: dict | None, quiet
             runtime.shutdown()
     report = _finish(cfg, run_dir, learner, search, test_set, dense, history, snapshots)
     report["wall_s"] = wall_before + time.perf_counter() - t0
+    report["weights_transport"] = runtime.transport_name if runtime is not None else "in process"
     store.write_json(run_dir / "report.json", report)
     (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete: report.json is
     if not quiet:

@@ -61,6 +61,11 @@ def test_strict_spread_puts_one_evaluator_per_node_and_survives_losing_a_node(cl
         assert removed
         assert runtime.learner.step == runtime.learner.total_steps  # the run completed
         assert records[-1]["evaluators"] == 1  # and went on with the node that is left
+        assert runtime.transport == "collective"  # gloo: the evaluators run on CPU here
+        stats = ray.get(runtime.coordinator.stats.remote(), timeout=60)
+        survivor = 1 - [i for i, n in enumerate(nodes) if n == removed[0]][0]
+        assert stats["members"] == [survivor]  # the group was re-formed from the live rank
+        assert stats["regroups"] >= 2
         assert runtime.search.best.dtype == torch.bool
     finally:
         runtime.shutdown()

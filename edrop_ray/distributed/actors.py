@@ -13,8 +13,8 @@ resources and placement of the run.
 
 from __future__ import annotations
 
-import os
 import time
+from collections import deque
 from typing import Any
 
 import ray
@@ -28,7 +28,9 @@ from ..loop import Learner, resolve_device
 from ..masking import Masker
 from ..models import build_model, example_input
 from ..search import Search
+from ..store import pack_states, unpack_states
 from ..units import discover_units
+from .transport import GroupMember, free_address, rank_identity
 
 __all__ = ["Trainer", "Evaluator", "Coordinator", "InputsLost"]
 
@@ -52,10 +54,16 @@ class Trainer:
     def __init__(self, cfg: Config, cpus: float):
         _cpu_threads(cfg, cpus)
         train_set, _test, info = load_for(cfg)
+        self.cfg = cfg
         self.learner = Learner(cfg, train_set, info, _device(cfg))
+        self.member: GroupMember | None = None
+        self._packed = -1  # the weights version in the broadcast buffer
 
     def info(self) -> dict[str, Any]:
         return {"total_steps": self.learner.total_steps, "step": self.learner.step}
+
+    def identity(self) -> dict[str, Any]:
+        return {"index": -1, **rank_identity(self.learner.device)}
 
     def train(self, state: torch.Tensor) -> float:
         return self.learner.train(state)
@@ -68,11 +76,39 @@ class Trainer:
         """The current weights and BN statistics (CPU); returned through the object store."""
         return {k: v.detach().cpu() for k, v in self.learner.model.state_dict().items()}
 
+    # --- the collective transport (rank 0)
+    def group_address(self) -> tuple[str, int]:
+        return free_address()
+
+    def join_group(self, address, rank, world_size, backend, timeout_s, epoch) -> int:
+        if self.member is None:
+            self.member = GroupMember(
+                self.learner.model, self.learner.device, self.cfg.weights_dtype, bind=False
+            )
+        return self.member.join(address, rank, world_size, backend, timeout_s, epoch)
+
+    def publish(self, version: int, epoch: int) -> dict[str, float]:
+        """Broadcast weights ``version`` (the step they were taken at) to the group.
+
+        A new version is packed from the model, which must be at that step; the same version
+        again (a re-formed group) re-sends the packed buffer, so a late joiner gets exactly
+        the weights the others judge with.
+        """
+        if self.member is None:
+            raise RuntimeError("the trainer is in no group")
+        new = version != self._packed
+        if new and version != self.learner.step:
+            raise RuntimeError(f"weights {version} asked for at step {self.learner.step}")
+        out = self.member.publish(version, epoch, pack=new)
+        self._packed = version
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         return self.learner.state_dict()
 
     def load_state_dict(self, sd: dict[str, Any]) -> int:
         self.learner.load_state_dict(sd)
+        self._packed = -1
         return self.learner.step
 
 
@@ -95,28 +131,52 @@ class Evaluator:
         self.memory_format = fmt
         self.model = model.to(device=self.device, memory_format=fmt).eval()
         self.masker = Masker(self.model, self.units)
+        self.member: GroupMember | None = None
         self.version = -1
 
     def identity(self) -> dict[str, Any]:
-        ctx = ray.get_runtime_context()
-        return {"index": self.index, "pid": os.getpid(), "node_id": ctx.get_node_id()}
+        return {"index": self.index, **rank_identity(self.device)}
+
+    # --- the collective transport (ranks 1..N)
+    def join_group(self, address, rank, world_size, backend, timeout_s, epoch) -> int:
+        if self.member is None:  # binds the model's tensors to the receive buffer, once
+            self.member = GroupMember(self.model, self.device, self.cfg.weights_dtype, bind=True)
+        self.version = -1
+        return self.member.join(address, rank, world_size, backend, timeout_s, epoch)
+
+    def receive(self, version: int, epoch: int) -> dict[str, float]:
+        if self.member is None:
+            raise RuntimeError(f"evaluator {self.index} is in no group")
+        self.version = -1
+        out = self.member.receive(version, epoch)
+        self.version = version
+        return out
 
     def evaluate(
         self,
         shard: int,
-        states: torch.Tensor,
+        packed: list[bytes],
         batch: tuple[torch.Tensor, torch.Tensor],
-        weights: list[ray.ObjectRef],
+        weights: list[ray.ObjectRef] | None,
         version: int,
-    ) -> tuple[int, torch.Tensor]:
-        """Energies of ``states`` ((n, D) bool) -> (shard, (n,) float).
+    ) -> tuple[int, torch.Tensor, float]:
+        """Energies of the bit-packed ``packed`` states -> (shard, (n,) float, seconds spent
+        computing them).
 
-        ``weights`` is a one-element list so that Ray hands over the reference unresolved: the
-        weights are fetched only when their version changed (after a restart, too).
+        ``weights`` is a one-element list with the object-store reference (Ray hands it over
+        unresolved: the weights are fetched only when their version changed, after a restart
+        too), or None with the collective transport: the weights of ``version`` must have
+        arrived by broadcast.
         """
         if version != self.version:
+            if weights is None:
+                raise RuntimeError(
+                    f"evaluator {self.index} holds weights {self.version}, not {version}"
+                )
             self.model.load_state_dict(ray.get(weights[0]))
             self.version = version
+        t0 = time.perf_counter()
+        states = unpack_states(packed, self.units.num_units)
         x, y = batch
         x = x.to(self.device).contiguous(memory_format=self.memory_format)
         energies = compute_energies(
@@ -129,7 +189,7 @@ class Evaluator:
             sparsity_lambda=self.cfg.sparsity_lambda,
             amp=self.cfg.amp,
         )
-        return shard, energies
+        return shard, energies, time.perf_counter() - t0
 
 
 class InputsLost(RuntimeError):
@@ -146,23 +206,52 @@ def _inputs_lost(e: Exception) -> bool:
 
 
 class Coordinator:
-    """Owns the population; farms each generation out to the evaluators and selects."""
+    """Owns the population; farms each generation out to the evaluators and selects.
 
-    def __init__(self, cfg: Config, num_units: int, evaluators: list):
+    With the collective transport it also keeps the process group: before a generation it
+    makes sure every live evaluator holds the generation's weights, re-forming the group from
+    the live ranks when one was lost or came back.
+    """
+
+    def __init__(
+        self, cfg: Config, num_units: int, evaluators: list, trainer=None,
+        transport: tuple[str, str] = ("object_store", ""),
+    ):  # fmt: skip
         self.cfg = cfg
         self.search = Search(cfg, num_units)
         self.evaluators = list(evaluators)
+        self.trainer = trainer
+        self.transport, self.backend = transport
         self.live = [True] * len(self.evaluators)
         self.reruns = 0  # shards re-run on another evaluator, over the whole run
+        self.lost_in_sync = 0  # evaluators lost while the weights went out
         self._probes: dict[int, ray.ObjectRef] = {}  # liveness probes of evaluators marked dead
+        self.members: list[int] | None = None  # evaluators in the current group, by index
+        self.epoch = -1  # the group's formation number
+        self.regroups = 0
+        self.synced = -1  # the weights version every member holds
+        # the trainer's side of each broadcast, and where each generation's time went
+        self.sync_log: deque[dict[str, float]] = deque(maxlen=1000)
+        self.timings: deque[dict[str, Any]] = deque(maxlen=1000)
 
     def generation(
-        self, batch: list[ray.ObjectRef], weights: list[ray.ObjectRef], version: int
+        self, batch: list[ray.ObjectRef], weights: list[ray.ObjectRef] | None, version: int
     ) -> dict[str, Any]:
         """Propose, evaluate across evaluators, select; return the record and the new state."""
+        t0 = time.perf_counter()
+        if self.transport == "collective":
+            self._sync(version)
+        t1 = time.perf_counter()
         candidates = self.search.propose()
+        t2 = time.perf_counter()
+        self._compute: list[float] = []
         energies = self._evaluate(candidates, batch[0], weights, version)
+        t3 = time.perf_counter()
         record = self.search.select(energies)
+        self.timings.append(
+            {"sync_s": t1 - t0, "propose_s": t2 - t1, "evaluate_s": t3 - t2,
+             "compute_s": self._compute, "select_s": time.perf_counter() - t3}
+        )  # fmt: skip
         p = self.search.population
         record["evaluators"] = sum(self.live)
         return {
@@ -173,11 +262,102 @@ class Coordinator:
             "converged_at": self.search.converged_at,
         }
 
+    # --- the process group
+    def _timeout(self) -> float:
+        return self.cfg.generation_timeout_s
+
+    def _wait_all(self, refs: dict[ray.ObjectRef, int]) -> tuple[list[int], Exception | None]:
+        """Wait for every call (rank -1 is the trainer); the evaluators that failed or hung.
+
+        Raises InputsLost when the trainer itself is gone.
+        """
+        # the calls themselves time out after _timeout(); the margin covers their start
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=self._timeout() + 30)
+        failed: list[int] = []
+        error: Exception | None = None
+        for ref, who in refs.items():
+            if ref not in ready:
+                error = error or TimeoutError(f"rank of evaluator {who} hung")
+                if who >= 0:
+                    failed.append(who)
+                continue
+            try:
+                ray.get(ref, timeout=self._timeout())
+            except RayActorError as e:
+                if who < 0:
+                    raise InputsLost(f"the trainer is gone: {e}") from e
+                failed.append(who)
+                error = e
+            except (RayTaskError, GetTimeoutError, ObjectLostError) as e:
+                # a collective that failed because *another* rank died: not this rank's fault,
+                # unless it is an evaluator that is not in the group (restarted)
+                if who >= 0 and ("in no group" in str(e) or "not in group" in str(e)):
+                    failed.append(who)
+                error = error or e
+        return failed, error
+
+    def _form_group(self, want: list[int]) -> bool:
+        """Destroy the old group and form a new one of the trainer and evaluators ``want``."""
+        self.epoch += 1
+        self.regroups += 1
+        address = ray.get(self.trainer.group_address.remote(), timeout=self._timeout())
+        world, t, e = len(want) + 1, self._timeout(), self.epoch
+        refs = {self.trainer.join_group.remote(address, 0, world, self.backend, t, e): -1}
+        for rank, i in enumerate(want, start=1):
+            refs[self.evaluators[i].join_group.remote(address, rank, world, self.backend, t, e)] = i
+        failed, error = self._wait_all(refs)
+        ok = not failed and error is None
+        for i in failed:
+            self.live[i] = False
+        for i in want if ok else ():
+            self.live[i] = True
+        self.members = want if ok else None
+        self.synced = -1
+        return ok
+
+    def _sync(self, version: int) -> None:
+        """Every live evaluator holds weights ``version`` when this returns."""
+        error: Exception | None = None
+        for _ in range(2 * len(self.evaluators) + 2):
+            # with every evaluator marked dead, try them all again (as the shards do)
+            want = [i for i, ok in enumerate(self.live) if ok] or list(range(len(self.live)))
+            if want != self.members:
+                if not self._form_group(want):
+                    continue
+            if self.synced == version:
+                return
+            refs = {self.trainer.publish.remote(version, self.epoch): -1}
+            for i in want:
+                refs[self.evaluators[i].receive.remote(version, self.epoch)] = i
+            trainer_ref = next(iter(refs))
+            failed, error = self._wait_all(refs)
+            if not failed and error is None:
+                self.synced = version
+                self.sync_log.append(ray.get(trainer_ref, timeout=self._timeout()))
+                return
+            for i in failed:
+                self.live[i] = False
+                self.lost_in_sync += 1
+            self.members = None  # a broadcast failed: the group is re-formed
+        raise RuntimeError(f"no evaluator could receive weights {version}: {error!r}")
+
+    def rejoin(self, version: int, timeout_s: float) -> dict[str, int]:
+        """Wait up to ``timeout_s`` for evaluators marked dead to come back, then send them
+        weights ``version`` (the trainer's current step): how a restarted evaluator rejoins
+        between generations, on demand."""
+        deadline = time.monotonic() + timeout_s
+        while not all(self.live) and time.monotonic() < deadline:
+            self._revive()
+            time.sleep(0.2)
+        if self.transport == "collective":
+            self._sync(version)
+        return self.stats()
+
     def _evaluate(self, candidates, batch_ref, weights, version) -> torch.Tensor:
         alive = [i for i, ok in enumerate(self.live) if ok] or list(range(len(self.evaluators)))
         # never more shards than candidates: an evaluator with nothing to judge is left idle
         alive = alive[: candidates.shape[0]]
-        shards = list(torch.tensor_split(candidates, len(alive)))
+        shards = [pack_states(s) for s in torch.tensor_split(candidates, len(alive))]
         results: dict[int, torch.Tensor] = {}
         pending: dict[ray.ObjectRef, tuple[int, int]] = {}
 
@@ -202,8 +382,9 @@ class Coordinator:
             for ref in ready:
                 shard, worker = pending.pop(ref)
                 try:
-                    index, energies = ray.get(ref, timeout=self.cfg.generation_timeout_s)
+                    index, energies, seconds = ray.get(ref, timeout=self.cfg.generation_timeout_s)
                     results[index] = energies
+                    self._compute.append(seconds)
                 except (RayActorError, RayTaskError, GetTimeoutError, ObjectLostError) as e:
                     if _inputs_lost(e):  # not the evaluator's fault: no one can judge this batch
                         raise InputsLost(f"the generation's weights or batch are gone: {e}") from e
@@ -244,11 +425,22 @@ class Coordinator:
             except (RayActorError, RayTaskError, GetTimeoutError):
                 pass  # still down: a new probe goes out next generation
 
+    def timing_log(self) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
+        """Per generation: seconds in weight sync, propose, evaluate (wall), each shard's
+        compute, select; and the trainer's side of each broadcast (bytes, pack, broadcast)."""
+        return [dict(t) for t in self.timings], [dict(t) for t in self.sync_log]
+
     def live_evaluators(self) -> int:
         return sum(self.live)
 
-    def stats(self) -> dict[str, int]:
-        return {"live": sum(self.live), "reruns": self.reruns}
+    def stats(self) -> dict[str, Any]:
+        return {
+            "live": sum(self.live),
+            "reruns": self.reruns,
+            "lost_in_sync": self.lost_in_sync,
+            "regroups": self.regroups,
+            "members": list(self.members or []),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return self.search.state_dict()

@@ -28,6 +28,7 @@ from ..data import DataInfo
 from ..errors import UserError
 from ..loop import Learner
 from .actors import Coordinator, Evaluator, InputsLost, Trainer
+from .transport import choose_transport
 
 __all__ = ["RayRuntime", "RemoteLearner", "RemoteSearch", "connect", "plan_resources"]
 
@@ -130,16 +131,32 @@ class RayRuntime:
             .options(num_cpus=trainer_cpus, num_gpus=trainer_gpus, max_restarts=0)
             .remote(cfg, trainer_cpus)
         )
+        # How the weights travel depends on where the ranks landed (trainer first).
+        ranks = ray.get(
+            [self.trainer.identity.remote()] + [e.identity.remote() for e in self.evaluators],
+            timeout=_CONTROL_TIMEOUT_S,
+        )
+        self.trainer_identity = ranks[0]
+        try:
+            self.transport, backend, why = choose_transport(cfg.weights_transport, ranks)
+        except UserError:
+            self.coordinator = None
+            self.shutdown()
+            raise
+        self.transport_name = self.transport + (
+            f" ({backend}, {cfg.weights_dtype})" if backend else ""
+        )
+        self.transport_line = f"ray: {n} evaluators; weights by {self.transport_name}: {why}"
         # The coordinator holds nothing larger than the population and reserves no resources;
         # it lives on the driver's node, so that losing a worker node never takes it along.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.coordinator = (
             ray.remote(Coordinator)
             .options(num_cpus=0, scheduling_strategy=here)
-            .remote(cfg, num_units, self.evaluators)
+            .remote(cfg, num_units, self.evaluators, self.trainer, (self.transport, backend))
         )
         total = ray.get(self.trainer.info.remote(), timeout=_CONTROL_TIMEOUT_S)["total_steps"]
-        self.learner = RemoteLearner(cfg, self.trainer, total)
+        self.learner = RemoteLearner(cfg, self.trainer, total, self.transport)
         self.search = RemoteSearch(cfg, self.coordinator, num_units)
 
     @contextmanager
@@ -160,7 +177,8 @@ class RayRuntime:
 
     def shutdown(self) -> None:
         for actor in (*self.evaluators, self.trainer, self.coordinator):
-            ray.kill(actor, no_restart=True)
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
         remove_placement_group(self.pg)
         if self.started_ray:
             ray.shutdown()
@@ -169,9 +187,10 @@ class RayRuntime:
 class RemoteLearner:
     """Driver-side stand-in for :class:`~edrop_ray.loop.Learner`; the trainer actor works."""
 
-    def __init__(self, cfg: Config, trainer, total_steps: int):
+    def __init__(self, cfg: Config, trainer, total_steps: int, transport: str = "object_store"):
         self.cfg = cfg
         self.trainer = trainer
+        self.transport = transport
         self.total_steps = total_steps
         self.step = 0
         self._weights: list[ray.ObjectRef] | None = None
@@ -181,10 +200,12 @@ class RemoteLearner:
         # Stays in the object store: the evaluators fetch it, the driver never does.
         return self.trainer.energy_batch.remote()
 
-    def weights(self) -> tuple[list[ray.ObjectRef], int]:
-        """A reference to weights at most ``weights_every`` steps old, and their version."""
-        if self._weights is None or self.step - self._weights_step >= self.cfg.weights_every:
-            self._weights = [self.trainer.weights.remote()]  # one object, shared by reference
+    def weights(self) -> tuple[list[ray.ObjectRef] | None, int]:
+        """Weights at most ``weights_every`` steps old: (reference, version), or with the
+        collective transport (None, version): the coordinator has the trainer broadcast them."""
+        if self._weights_step < 0 or self.step - self._weights_step >= self.cfg.weights_every:
+            if self.transport == "object_store":  # one object, shared by reference
+                self._weights = [self.trainer.weights.remote()]
             self._weights_step = self.step
         return self._weights, self._weights_step
 
@@ -198,7 +219,7 @@ class RemoteLearner:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.step = ray.get(self.trainer.load_state_dict.remote(sd), timeout=_CONTROL_TIMEOUT_S)
-        self._weights = None
+        self._weights, self._weights_step = None, -1
 
     def to_local(self, learner: Learner) -> Learner:
         """Load the trainer's current state into an in-process ``learner`` (for the report)."""

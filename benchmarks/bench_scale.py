@@ -1,0 +1,363 @@
+"""Weak and strong scaling of the population across evaluators: components measured on real
+evaluator processes, and the efficiency at 8 and 64 GPUs extrapolated from them.
+
+MEASURED, here, on real Ray actors (a trainer and N = 1, 2 evaluator processes, weights by one
+gloo broadcast per generation; ``--model`` at ``--input-size``, default ResNet-18 16 px on
+digits), at fixed S (strong: ``--S``) and fixed S per evaluator (weak: ``--S-per-eval`` x N),
+per generation (medians after a warm-up):
+
+- trainer step (the driver's round trip to the trainer actor);
+- weight sync: bytes and seconds (the coordinator's wall time for publish + receive);
+- batch and states: their bytes; their time is inside "control" below;
+- energy compute per evaluator (inside the evaluator, max and mean over shards);
+- gather and selection: propose + (evaluate wall - slowest compute) + select + the driver's
+  round trip to the coordinator, together "control";
+- idle: the fraction of a cycle (generation + training step) an evaluator is not computing.
+
+Also MEASURED: the gloo broadcast of the ResNet-50 32 px buffer (``--target-model``) between
+processes of this machine (1 and 2 receivers), and the effect of ``weights_dtype: bf16`` on the
+energies of a briefly trained model.
+
+EXTRAPOLATED to ``--target-model`` at ``--target-input`` on GPUs, with every input named:
+
+    cycle(N, S) = train + sync(N) + compute(2S/N candidates) + control(N)
+    weak(N)   = cycle(1, s) / cycle(N, s N)          (s = --target-S-per-eval, default 16)
+    strong(N) = cycle(1, S) / (N cycle(N, S))        (S = --target-S, default 64)
+
+- compute and train: from a GPU check JSON (``--gpu-json``, keys ``energy_ms_per_candidate`` and
+  ``train_step_ms``) when given, else from FLOPs: 2 x MACs x batch per candidate (x 3 for a
+  training step) at an ASSUMED ``--gpu-tflops`` sustained, with an ASSUMED floor per pass;
+- sync(N) = bytes / bandwidth + latency x ceil(log2(N + 1)) (NCCL broadcast, pipelined):
+  ASSUMED ``--intra-gbs`` inside a node of ``--gpus-per-node`` and ``--inter-gbs`` across nodes;
+- control(N): the MEASURED control time at N = 1, 2 fitted as a + b (N - 1). It is CPU time of
+  Ray and Python on this 2-core box, shared with other processes: an upper bound.
+
+N counts evaluator GPUs; the trainer has its own GPU in addition.
+
+    python benchmarks/bench_scale.py [--evaluators 1,2] [--generations 6] [--S 8] [--S-per-eval 4]
+        [--gpu-tflops 200] [--intra-gbs 100] [--inter-gbs 25] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from _common import add_common_args, csv
+
+from edrop_ray.config import load_config
+from edrop_ray.distributed.transport import FlatWeights, GroupMember
+from edrop_ray.models import build_model, example_input
+from edrop_ray.slim import count_params_macs
+
+MS = 1e3
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--input-size", type=int, default=16)
+    p.add_argument("--energy-batch", type=int, default=32)
+    p.add_argument("--evaluators", type=csv(int), default=[1, 2])
+    p.add_argument("--S", type=int, default=8, help="strong scaling: fixed population")
+    p.add_argument("--S-per-eval", type=int, default=4, help="weak scaling: S per evaluator")
+    p.add_argument("--generations", type=int, default=6, help="timed, after 2 warm-up")
+    p.add_argument("--target-model", default="resnet50")
+    p.add_argument("--target-input", type=int, default=32)
+    p.add_argument("--target-batch", type=int, default=64)
+    p.add_argument("--target-S", type=int, default=64)
+    p.add_argument("--target-S-per-eval", type=int, default=16)
+    p.add_argument("--gpu-json", default="", help="figures of benchmarks/gpu_check.sh")
+    p.add_argument("--gpu-tflops", type=float, default=200.0, help="ASSUMED sustained TFLOP/s")
+    p.add_argument("--pass-floor-ms", type=float, default=1.0, help="ASSUMED least pass time")
+    p.add_argument("--intra-gbs", type=float, default=100.0, help="ASSUMED NCCL GB/s, in a node")
+    p.add_argument("--inter-gbs", type=float, default=25.0, help="ASSUMED NCCL GB/s, across")
+    p.add_argument("--latency-us", type=float, default=20.0, help="ASSUMED per broadcast hop")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--out", default="", help="also write the tables (markdown) here")
+    add_common_args(p)
+    return p.parse_args()
+
+
+# --- measured: real evaluator processes
+
+
+def measure_run(n: int, s: int, args) -> dict[str, float]:
+    """Medians per generation of a Ray run with ``n`` evaluators and population ``s``."""
+    import ray
+
+    from edrop_ray.data import load_for
+    from edrop_ray.distributed.runner import RayRuntime
+    from edrop_ray.units import discover_units
+
+    cfg = load_config(
+        None,
+        [
+            "dataset=digits", f"model={args.model}", f"input_size={args.input_size}",
+            f"population_size={s}", f"energy_batch_size={args.energy_batch}", "evolve_every=1",
+            f"num_evaluators={n}", f"cpu_threads={args.threads}", "trainer_cpus=1",
+            "backend=ray", "weights_transport=collective", "patience=100000",
+            "diversity_threshold=0", f"seed={args.seed}",
+        ],
+    )  # fmt: skip
+    _train, _test, info = load_for(cfg)
+    model = build_model(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels)
+    units = discover_units(model, example_input(info.in_channels, cfg.input_size))
+    runtime = RayRuntime(cfg, info, units.num_units)
+    try:
+        learner, search = runtime.learner, runtime.search
+        cycles, trains, gens = [], [], []
+        for _ in range(2 + args.generations):
+            t0 = time.perf_counter()
+            search.run_generation(learner)
+            t1 = time.perf_counter()
+            learner.train(search.best)
+            t2 = time.perf_counter()
+            cycles.append(t2 - t0)
+            gens.append(t1 - t0)
+            trains.append(t2 - t1)
+        timings, syncs = ray.get(runtime.coordinator.timing_log.remote(), timeout=120)
+    finally:
+        runtime.shutdown()
+    w = slice(2, None)  # drop the warm-up (group formation, first imports)
+    tm = timings[w]
+    comp_max = [max(t["compute_s"]) for t in tm]
+    comp_mean = [statistics.mean(t["compute_s"]) for t in tm]
+    control = [g - t["sync_s"] - cmax for g, t, cmax in zip(gens[w], tm, comp_max, strict=True)]
+    med = statistics.median
+    states_bytes = 2 * s * math.ceil(units.num_units / 8)
+    batch_bytes = (
+        args.energy_batch * info.in_channels * args.input_size**2 * 4 + 8 * args.energy_batch
+    )
+    return {
+        "N": n,
+        "S": s,
+        "cycle_s": med(cycles[w]),
+        "train_s": med(trains[w]),
+        "sync_s": med(t["sync_s"] for t in tm),
+        "sync_bytes": syncs[-1]["bytes"],
+        "broadcast_s": med(x["broadcast_s"] for x in syncs[1:] or syncs),
+        "compute_max_s": med(comp_max),
+        "compute_mean_s": med(comp_mean),
+        "control_s": med(control),
+        "select_s": med(t["propose_s"] + t["select_s"] for t in tm),
+        "batch_bytes": batch_bytes,
+        "states_bytes": states_bytes,
+        "idle": 1.0 - med(comp_mean) / med(cycles[w]),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _receiver(port: int, rank: int, world: int, name: str, size: int, repeats: int) -> None:
+    torch.set_num_threads(1)
+    model = build_model(name, num_classes=10, in_channels=3)
+    member = GroupMember(model, torch.device("cpu"), "fp32", bind=True)
+    member.join(("127.0.0.1", port), rank, world, "gloo", 300.0, epoch=0)
+    for v in range(repeats):
+        member.receive(v, 0)
+    member.leave()
+
+
+def measure_gloo_broadcast(name: str, receivers: int, repeats: int = 3) -> tuple[int, float]:
+    """(bytes, median seconds) of one fp32 broadcast of ``name``'s buffer on this machine."""
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    world = receivers + 1
+    kids = [
+        ctx.Process(target=_receiver, args=(port, r, world, name, 32, repeats), daemon=True)
+        for r in range(1, world)
+    ]
+    for k in kids:
+        k.start()
+    model = build_model(name, num_classes=10, in_channels=3)
+    member = GroupMember(model, torch.device("cpu"), "fp32", bind=False)
+    member.join(("127.0.0.1", port), 0, world, "gloo", 300.0, epoch=0)
+    times = [member.publish(v, 0, pack=True)["broadcast_s"] for v in range(repeats)]
+    member.leave()
+    for k in kids:
+        k.join(timeout=120)
+    return member.nbytes, statistics.median(times)
+
+
+def measure_bf16_energies(args) -> dict[str, float]:
+    """Energies of 2S random states with fp32 and with bf16-rounded weights of the same model,
+    briefly trained (so BN statistics and weights are not the initial ones)."""
+    from edrop_ray.data import load_for
+    from edrop_ray.loop import Learner
+
+    cfg = load_config(None, ["dataset=digits", f"model={args.model}",
+                             f"input_size={args.input_size}", "backend=local"])  # fmt: skip
+    train, _test, info = load_for(cfg)
+    learner = Learner(cfg, train, info, torch.device("cpu"))
+    for _ in range(20):
+        learner.train(None)
+    x, y = learner.energy_batch()
+    g = torch.Generator().manual_seed(args.seed)
+    states = torch.rand(16, learner.units.num_units, generator=g) < 0.5
+    states[0] = True
+    e32 = learner.energies(states, x, y)
+    flat = FlatWeights(learner.model, device=torch.device("cpu"), dtype=torch.bfloat16)
+    flat.pack()
+    with torch.no_grad():
+        for view, (_, t) in zip(flat.views, flat.entries, strict=True):
+            t.copy_(view)
+    e16 = learner.energies(states, x, y)
+    diff = (e16 - e32).abs()
+    order32, order16 = e32.argsort(), e16.argsort()
+    flips = sum(
+        int((e32[i] < e32[j]) != (e16[i] < e16[j]))
+        for i in range(len(e32))
+        for j in range(i + 1, len(e32))
+    )
+    return {
+        "mean_energy": float(e32.mean()),
+        "max_abs_diff": float(diff.max()),
+        "max_rel_diff": float((diff / e32.abs()).max()),
+        "pair_order_flips": flips,
+        "pairs": len(e32) * (len(e32) - 1) // 2,
+        "same_best": bool(order32[0] == order16[0]),
+    }
+
+
+# --- extrapolated
+
+
+def target_inputs(args) -> dict[str, float]:
+    model = build_model(args.target_model, num_classes=10, in_channels=3)
+    _params, macs = count_params_macs(model, example_input(3, args.target_input))
+    nbytes = FlatWeights(model, device=torch.device("cpu"), dtype=torch.float32).nbytes
+    src = "ASSUMED from FLOPs"
+    per_cand_s = 2 * macs * args.target_batch / (args.gpu_tflops * 1e12)
+    train_s = max(3 * args.pass_floor_ms / MS, 3 * per_cand_s)
+    if args.gpu_json and Path(args.gpu_json).is_file():
+        import json
+
+        figures = json.loads(Path(args.gpu_json).read_text())
+        if "energy_ms_per_candidate" in figures:
+            per_cand_s = figures["energy_ms_per_candidate"] / MS
+            train_s = figures.get("train_step_ms", train_s * MS) / MS
+            src = f"MEASURED in {args.gpu_json}"
+    return {"macs": macs, "bytes": nbytes, "per_cand_s": per_cand_s, "train_s": train_s,
+            "compute_source": src}  # fmt: skip
+
+
+def sync_s(n: int, nbytes: float, args) -> float:
+    ranks = n + 1
+    gbs = args.intra_gbs if ranks <= args.gpus_per_node else args.inter_gbs
+    return nbytes / (gbs * 1e9) + args.latency_us * 1e-6 * math.ceil(math.log2(ranks))
+
+
+def cycle_s(n: int, s: int, t: dict, control, args) -> float:
+    per_eval = math.ceil(2 * s / n)
+    compute = max(args.pass_floor_ms / MS, per_eval * t["per_cand_s"])
+    return t["train_s"] + sync_s(n, t["bytes"], args) + compute + control(n)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    rows = []
+    try:
+        for n in args.evaluators:
+            rows.append(("strong", measure_run(n, args.S, args)))
+            rows.append(("weak", measure_run(n, args.S_per_eval * n, args)))
+    finally:
+        ray.shutdown()
+    lines = [
+        f"## Measured: {args.model} {args.input_size} px, energy batch {args.energy_batch}, "
+        f"gloo, {args.threads} thread(s) per process, 2 shared CPU cores (medians, ms)",
+        "",
+        "| mode | N | S | cycle | trainer step | weight sync (bytes) | energy compute max/mean "
+        "| control (gather+select+RPC) | of which select | batch / states bytes | idle |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, r in rows:
+        lines.append(
+            f"| {mode} | {r['N']} | {r['S']} | {r['cycle_s'] * MS:.0f} | {r['train_s'] * MS:.0f} "
+            f"| {r['sync_s'] * MS:.1f} ({r['sync_bytes'] / 1e6:.1f} MB) "
+            f"| {r['compute_max_s'] * MS:.0f} / {r['compute_mean_s'] * MS:.0f} "
+            f"| {r['control_s'] * MS:.0f} | {r['select_s'] * MS:.1f} "
+            f"| {r['batch_bytes'] / 1e3:.0f} kB / {r['states_bytes']} B | {100 * r['idle']:.0f} % |"
+        )
+    gloo = {k: measure_gloo_broadcast(args.target_model, k) for k in (1, 2)}
+    lines += ["", f"gloo broadcast of the {args.target_model} {args.target_input} px fp32 buffer "
+              "on this machine (MEASURED): "
+              + ", ".join(f"{k} receiver(s): {b / 1e6:.1f} MB in {s * MS:.0f} ms "
+                          f"({b / s / 1e9:.2f} GB/s)" for k, (b, s) in gloo.items())]  # fmt: skip
+    bf = measure_bf16_energies(args)
+    lines += ["", f"bf16 weights vs fp32 ({args.model} {args.input_size} px after 20 steps, 16 "
+              f"states, MEASURED): mean energy {bf['mean_energy']:.4f}, max |dE| "
+              f"{bf['max_abs_diff']:.2e} ({100 * bf['max_rel_diff']:.3f} %), pairwise order "
+              f"flips {bf['pair_order_flips']}/{bf['pairs']}, "
+              f"same best: {bf['same_best']}"]  # fmt: skip
+
+    weak = {r["N"]: r for mode, r in rows if mode == "weak"}
+    ns = sorted(weak)
+    c1 = weak[ns[0]]["control_s"]
+    slope = (weak[ns[-1]]["control_s"] - c1) / max(1, ns[-1] - ns[0]) if len(ns) > 1 else 0.0
+    slope = max(0.0, slope)
+
+    def control(n: int) -> float:
+        return c1 + slope * (n - 1)
+
+    t = target_inputs(args)
+    lines += [
+        "",
+        f"## Extrapolated: {args.target_model} {args.target_input} px, energy batch "
+        f"{args.target_batch}, fp32 weights, trainer on its own GPU",
+        "",
+        f"- weights per version: {t['bytes'] / 1e6:.1f} MB (MEASURED buffer size); "
+        f"MACs per sample {t['macs'] / 1e6:.0f} M (counted)",
+        f"- energy compute per candidate {t['per_cand_s'] * MS:.3f} ms, trainer step "
+        f"{t['train_s'] * MS:.2f} ms: {t['compute_source']} ({args.gpu_tflops:g} TFLOP/s "
+        f"sustained, floor {args.pass_floor_ms:g} ms per pass)",
+        f"- NCCL broadcast: ASSUMED {args.intra_gbs:g} GB/s in a node of {args.gpus_per_node}, "
+        f"{args.inter_gbs:g} GB/s across nodes, {args.latency_us:g} us per tree level",
+        f"- control: MEASURED here {c1 * MS:.1f} ms at N = {ns[0]}, +{slope * MS:.1f} ms per "
+        "evaluator (linear fit), an upper bound (Ray on 2 shared CPU cores)",
+        "",
+        "| scaling | S | N = 1 cycle | N = 8 cycle | eff. 8 | N = 64 cycle | eff. 64 | target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    s = args.target_S_per_eval
+    w = [cycle_s(n, s * n, t, control, args) for n in (1, 8, 64)]
+    lines.append(
+        f"| weak | {s} per GPU | {w[0] * MS:.1f} ms | {w[1] * MS:.1f} ms | {w[0] / w[1]:.0%} "
+        f"| {w[2] * MS:.1f} ms | {w[0] / w[2]:.0%} | >= 90 % at 8, >= 80 % at 64 |"
+    )
+    S = args.target_S
+    st = [cycle_s(n, S, t, control, args) for n in (1, 8, 64)]
+    lines.append(
+        f"| strong | {S} | {st[0] * MS:.1f} ms | {st[1] * MS:.1f} ms | {st[0] / (8 * st[1]):.0%} "
+        f"| {st[2] * MS:.1f} ms | {st[0] / (64 * st[2]):.0%} | >= 60 % at 8 |"
+    )
+    zero = [cycle_s(n, S, t, lambda n: 0.0, args) for n in (1, 8)]
+    lines.append(
+        f"| strong, control = 0 | {S} | {zero[0] * MS:.1f} ms | {zero[1] * MS:.1f} ms "
+        f"| {zero[0] / (8 * zero[1]):.0%} | | | (bound without Ray's control cost) |"
+    )
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
