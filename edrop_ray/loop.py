@@ -19,13 +19,12 @@ from torch.utils.data import Dataset, default_collate
 
 from .config import Config
 from .data import DataInfo
+from .devices import resolve_device  # re-exported: the CLI, job and compare import it here
 from .energy import compute_energies
 from .errors import UserError
-from .masking import Masker
-from .models import build_model, example_input
+from .models import build_replica
 from .slim import count_params_macs, slim_model
 from .train import build_optimizer, evaluate, train_step
-from .units import discover_units
 
 __all__ = [
     "Learner",
@@ -36,17 +35,6 @@ __all__ = [
     "run_dense",
     "measure_pruned",
 ]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(
-            f"device {name!r} asked for but no CUDA GPU is visible; use --set device=auto"
-        )
-    return torch.device(name)
 
 
 def fetch_batch(dataset: Dataset, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,17 +61,9 @@ class Learner:
         self.info = info
         self.device = device
         torch.manual_seed(cfg.seed)  # the weights' initialisation
-        model = build_model(
-            cfg.model,
-            num_classes=info.num_classes,
-            in_channels=info.in_channels,
-            small_input=cfg.small_input,
-        )
-        self.example = example_input(info.in_channels, cfg.input_size)
-        self.units = discover_units(model, self.example)
-        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        self.model = model.to(device=device, memory_format=self.memory_format)
-        self.masker = Masker(self.model, self.units)
+        replica = build_replica(cfg, info, device)
+        self.model, self.units, self.masker = replica.model, replica.units, replica.masker
+        self.example, self.memory_format = replica.example, replica.memory_format
         self.optimizer = build_optimizer(
             self.model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
