@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from torch.utils._pytree import tree_map
 from torch.utils.data import Dataset, default_collate
 
 from .config import Config
@@ -28,6 +29,8 @@ from .train import build_optimizer, evaluate, train_step
 
 __all__ = [
     "Learner",
+    "TrainingSide",
+    "SearchSide",
     "resolve_device",
     "fetch_batch",
     "test_batches",
@@ -35,6 +38,10 @@ __all__ = [
     "run_dense",
     "measure_pruned",
 ]
+
+
+def _on_cpu(value: Any) -> Any:
+    return value.detach().cpu() if isinstance(value, torch.Tensor) else value
 
 
 def fetch_batch(dataset: Dataset, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +148,8 @@ class Learner:
     def state_dict(self) -> dict[str, Any]:
         return {
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
+            # on the CPU: it crosses the object store to a driver that may have no GPU
+            "optimizer": tree_map(_on_cpu, self.optimizer.state_dict()),
             "step": self.step,
             "energy_generator": self.energy_generator.get_state(),
         }
@@ -153,9 +161,38 @@ class Learner:
         self.energy_generator.set_state(sd["energy_generator"])
 
 
+class TrainingSide(Protocol):
+    """What :func:`run_edropout` and ``SearchSide.run_generation`` ask of the side that owns the
+    weights: :class:`Learner` in process, the Ray trainer's driver-side stand-in otherwise."""
+
+    cfg: Config
+    step: int  # training steps taken
+    total_steps: int
+
+    def train(self, state: torch.Tensor | None) -> float:
+        """One masked step with ``state`` ((D,) bool, on the CPU); the loss."""
+        ...
+
+
+class SearchSide(Protocol):
+    """What :func:`run_edropout` asks of the population's owner: :class:`~edrop_ray.search.Search`
+    in process, the Ray coordinator's driver-side stand-in otherwise."""
+
+    frozen: bool
+
+    @property
+    def best(self) -> torch.Tensor:
+        """(D,) bool on the CPU: the state training uses now."""
+        ...
+
+    def run_generation(self, learner: Any) -> dict[str, Any]:
+        """Propose, judge with ``learner``'s weights, select; the generation's record."""
+        ...
+
+
 def run_edropout(
-    learner,
-    search,
+    learner: TrainingSide,
+    search: SearchSide,
     *,
     on_generation: Callable[[dict[str, Any]], None] | None = None,
     on_checkpoint: Callable[[], None] | None = None,

@@ -9,7 +9,8 @@ it with a CPU tensor (other than a 0-dim CPU scalar, or a copy between the two) 
 fails on every device mix-up that would crash on a GPU.
 
 The device is PyTorch's PrivateUse1 backend, renamed and given a Python device guard (the
-autograd engine and autocast need one); this is set up once per process and touches nothing else.
+autograd engine and autocast need one); this is set up once per process, when this module is
+imported (before any backward pass), and touches nothing else.
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ def _register() -> None:
     from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
     _setup_privateuseone_for_python_backend(rename=FAKE, backend_module=_Backend())
+
+
+# At import, i.e. at test collection: the autograd engine sizes its per-device queues at the
+# process's first backward pass, and a device registered after that cannot run a backward.
+_register()
 
 
 class FakeGpuTensor(torch.Tensor):
@@ -146,6 +152,5 @@ class _Guard(TorchDispatchMode):
 @contextmanager
 def other_device() -> Iterator[torch.device]:
     """Inside: ``torch.device("fakegpu", 0)`` behaves as a second, strict device."""
-    _register()
     with _Guard():
         yield torch.device(FAKE, 0)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from device_guard import DeviceMixError, other_device
+from torch.utils._pytree import tree_flatten
 
 from edrop_ray import loop
 from edrop_ray.config import load_config
@@ -85,6 +86,12 @@ def _one_of_each(learner: Learner, search: Search, test_set) -> dict:
     end-of-run measure, the way the loop, compare and Tune trials call them."""
     record = search.run_generation(learner)
     loss = learner.train(search.best)
+    # a checkpoint is all CPU (it crosses to a driver that may have no GPU), and resumes
+    sd = learner.state_dict()
+    tensors = [t for t in tree_flatten(sd)[0] if isinstance(t, torch.Tensor)]
+    assert tensors and all(t.device == CPU for t in tensors)
+    learner.load_state_dict(sd)
+    loss_after_resume = learner.train(search.best)
     scores = learner.evaluate(test_set, search.best)
     slim, measured = measure_pruned(learner, test_set, search.best)
     x = torch.randn(4, learner.info.in_channels, 16, 16, generator=torch.Generator().manual_seed(5))
@@ -98,6 +105,7 @@ def _one_of_each(learner: Learner, search: Search, test_set) -> dict:
         "energies": search.population.energies.clone(),
         "best_energy": record["best_energy"],
         "loss": loss,
+        "loss_after_resume": loss_after_resume,
         "scores": scores,
         "measured": measured,
         "slim_logits": slim_logits,
@@ -118,6 +126,7 @@ def test_learner_and_search_on_another_device_compute_what_the_cpu_computes(data
         got = _one_of_each(learner, search, test_set)
     torch.testing.assert_close(got["energies"], want["energies"], rtol=0, atol=0)
     assert got["loss"] == want["loss"]
+    assert got["loss_after_resume"] == want["loss_after_resume"]
     assert got["scores"] == want["scores"]
     assert got["measured"] == want["measured"]
     assert got["slim_scores"] == want["slim_scores"]
