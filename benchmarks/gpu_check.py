@@ -235,7 +235,7 @@ def prune_runs(check: Check, args, device: str, out: Path) -> list[dict[str, Any
         sets = [f"device={device}", f"backend={backend}", f"amp={amp}"]
         sets += [f"channels_last={str(cl).lower()}"] + ([f"epochs={epochs}"] if epochs else [])
         if args.dry_run:  # CPU bf16 is slow: the fewest generations that still run every path
-            sets += ["population_size=2", "energy_batch_size=8", "max_generations=2"]
+            sets += ["population_size=4", "energy_batch_size=8", "max_generations=2"]
             sets += ["num_evaluators=1"] if backend == "ray" else []
         cmd = [sys.executable, "-m", "edrop_ray", "prune", *base, "--out", str(run_dir)]
         cmd += ["--overwrite", "--quiet"] + [a for s in sets for a in ("--set", s)]
