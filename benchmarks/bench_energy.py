@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -55,6 +56,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--amp", default="none", choices=("none", "bf16"))
+    p.add_argument("--json", help="also write the figures to this JSON file (gpu_check.sh)")
     add_common_args(p)
     return p.parse_args()
 
@@ -145,6 +147,28 @@ def main() -> None:
     ]
     for label, value, target in ratios:
         print(f"{label + ':':<32} {value:>7}  {target}")
+    if args.json:
+        figures = {
+            "model": args.model,
+            "units": units.num_units,
+            "states": args.states,
+            "batch": args.batch,
+            "device": str(device),
+            "amp": args.amp,
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "max_abs_energy_diff_batched_vs_looped": max_diff,
+            "median_s": {
+                "batched": batched,
+                f"states_per_pass_{spp}": chunked,
+                "looped": looped,
+                "dense": dense,
+            },
+            "speedup_batched_vs_looped": looped / batched,
+            "batched_over_dense": batched / dense,
+        }
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -58,22 +58,23 @@ def compute_energies(
     if n_states == 0:
         return torch.empty(0)
     per_pass = states_per_pass if states_per_pass > 0 else _auto_per_pass(x, n_states)
-    out = torch.empty(n_states, dtype=torch.float32)
     # The batch replicated once for a full pass; a shorter last pass uses the front of it.
     xs_all = x.repeat(min(per_pass, n_states), *([1] * (x.dim() - 1)))
     ys_all = y.repeat(min(per_pass, n_states))
+    parts: list[torch.Tensor] = []
     try:
         for start in range(0, n_states, per_pass):
-            chunk = states[start : start + per_pass].to(x.device)
+            chunk = states[start : start + per_pass]  # the masker moves it to the activations
             k = chunk.shape[0]
             masker.set_states(chunk)
             with _autocast(x.device, amp):
                 logits = model(xs_all[: k * batch])  # replica s is judged with state s
             loss = F.cross_entropy(logits.float(), ys_all[: k * batch], reduction="none")
-            out[start : start + k] = loss.view(k, batch).mean(dim=1).cpu()
+            parts.append(loss.view(k, batch).mean(dim=1))
     finally:
         masker.set_states(None)
         model.train(was_training)
+    out = torch.cat(parts).cpu()  # one device -> host copy for the whole batch of states
     if sparsity_lambda:
         out += sparsity_lambda * states.float().mean(dim=1).cpu()
     return out

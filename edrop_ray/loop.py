@@ -13,24 +13,26 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 from torch.utils.data import Dataset, default_collate
 
 from .config import Config
 from .data import DataInfo
+from .devices import resolve_device  # re-exported: the CLI, job and compare import it here
 from .energy import compute_energies
 from .errors import UserError
-from .masking import Masker
-from .models import build_model, example_input
+from .models import build_replica
 from .slim import count_params_macs, slim_model
 from .train import build_optimizer, evaluate, train_step
-from .units import discover_units
 
 __all__ = [
     "Learner",
+    "TrainingSide",
+    "SearchSide",
     "resolve_device",
     "fetch_batch",
     "test_batches",
@@ -43,15 +45,8 @@ __all__ = [
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(
-            f"device {name!r} asked for but no CUDA GPU is visible; use --set device=auto"
-        )
-    return torch.device(name)
+def _on_cpu(value: Any) -> Any:
+    return value.detach().cpu() if isinstance(value, torch.Tensor) else value
 
 
 def fetch_batch(dataset: Dataset, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,21 +73,13 @@ class Learner:
         self.info = info
         self.device = device
         torch.manual_seed(cfg.seed)  # the weights' initialisation
-        model = build_model(
-            cfg.model,
-            num_classes=info.num_classes,
-            in_channels=info.in_channels,
-            small_input=cfg.small_input,
-        )
-        self.example = example_input(info.in_channels, cfg.input_size)
-        self.units = discover_units(model, self.example)
-        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        self.model = model.to(device=device, memory_format=self.memory_format)
+        replica = build_replica(cfg, info, device)
+        self.model, self.units, self.masker = replica.model, replica.units, replica.masker
+        self.example, self.memory_format = replica.example, replica.memory_format
         # Dropout (AlexNet, SqueezeNet) draws from torch's global generator. The learner keeps
         # that generator's state as its own, swaps it in around each training step and saves it
         # in checkpoints, so a resumed run draws the same dropout masks as an unbroken one.
         self.rng_state = self._global_rng_state()
-        self.masker = Masker(self.model, self.units)
         self.optimizer = build_optimizer(
             self.model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
@@ -225,7 +212,8 @@ class Learner:
     def state_dict(self) -> dict[str, Any]:
         return {
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
+            # on the CPU: it crosses the object store to a driver that may have no GPU
+            "optimizer": tree_map(_on_cpu, self.optimizer.state_dict()),
             "step": self.step,
             "energy_generator": self.energy_generator.get_state(),
             "rng": dict(self.rng_state),
@@ -243,9 +231,38 @@ class Learner:
             self.rng_state = rng
 
 
+class TrainingSide(Protocol):
+    """What :func:`run_edropout` and ``SearchSide.run_generation`` ask of the side that owns the
+    weights: :class:`Learner` in process, the Ray trainer's driver-side stand-in otherwise."""
+
+    cfg: Config
+    step: int  # training steps taken
+    total_steps: int
+
+    def train(self, state: torch.Tensor | None) -> float:
+        """One masked step with ``state`` ((D,) bool, on the CPU); the loss."""
+        ...
+
+
+class SearchSide(Protocol):
+    """What :func:`run_edropout` asks of the population's owner: :class:`~edrop_ray.search.Search`
+    in process, the Ray coordinator's driver-side stand-in otherwise."""
+
+    frozen: bool
+
+    @property
+    def best(self) -> torch.Tensor:
+        """(D,) bool on the CPU: the state training uses now."""
+        ...
+
+    def run_generation(self, learner: Any) -> dict[str, Any]:
+        """Propose, judge with ``learner``'s weights, select; the generation's record."""
+        ...
+
+
 def run_edropout(
-    learner,
-    search,
+    learner: TrainingSide,
+    search: SearchSide,
     *,
     on_generation: Callable[[dict[str, Any]], None] | None = None,
     on_checkpoint: Callable[[], None] | None = None,

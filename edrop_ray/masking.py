@@ -23,12 +23,17 @@ __all__ = ["Masker"]
 class Masker:
     """Hooks that multiply the output channels of the mask points by the current states.
 
-    With no states set the hooks return at once and the model runs dense.
+    With no states set the hooks return at once and the model runs dense. The states may live on
+    any device (the search keeps them on the CPU): the masks are built where they meet the
+    activations, on the activation's device and in its dtype (bf16 under autocast), once per
+    :meth:`set_states` and per (device, dtype), and then reused by every mask point and pass.
     """
 
     def __init__(self, model: nn.Module, units: Units):
         self.units = units
-        self._masks: dict[str, torch.Tensor] = {}
+        self._states: torch.Tensor | None = None
+        # (device, dtype) -> mask point -> (S, C) mask; emptied by every set_states
+        self._masks: dict[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
         self._index: dict[torch.device, dict[str, torch.Tensor]] = {}
         modules = dict(model.named_modules())
         self._handles = [
@@ -37,11 +42,9 @@ class Masker:
 
     def _make_hook(self, name: str):
         def hook(_module: nn.Module, _inputs, out: torch.Tensor):
-            mask = self._masks.get(name)
-            if mask is None:
+            if self._states is None:
                 return None
-            if mask.dtype != out.dtype:  # bf16 autocast: convert once per set_states, not per pass
-                mask = self._masks[name] = mask.to(out.dtype)
+            mask = self._masks_for(out)[name]
             n_states = mask.shape[0]
             # (S*B, C, ...) -> (S, B, C, ...) times (S, 1, C, 1, ...)
             shaped = out.view(n_states, -1, *out.shape[1:])
@@ -53,10 +56,23 @@ class Masker:
 
         return hook
 
+    def _masks_for(self, out: torch.Tensor) -> dict[str, torch.Tensor]:
+        # Where the states meet an activation: one copy of the (S, D) states to its device and
+        # dtype, then one gather per mask point, all on that device.
+        key = (out.device, out.dtype)
+        masks = self._masks.get(key)
+        if masks is None:
+            keep = self._states.to(device=out.device, dtype=out.dtype)
+            index = self._index_on(out.device)
+            masks = self._masks[key] = {n: keep[:, unit_of] for n, unit_of in index.items()}
+        return masks
+
     def set_states(self, states: torch.Tensor | None) -> None:
-        """Use ``states`` ((S, D) or (D,) bool) for the following forward passes; None = dense."""
+        """Use ``states`` ((S, D) or (D,) bool, on any device) for the following forward passes;
+        None = dense."""
+        self._masks = {}
         if states is None:
-            self._masks = {}
+            self._states = None
             return
         if states.dim() == 1:
             states = states[None]
@@ -64,9 +80,7 @@ class Masker:
             raise ValueError(
                 f"state has {states.shape[1]} bits, model has {self.units.num_units} units"
             )
-        keep = states.float()
-        index = self._index_on(keep.device)
-        self._masks = {name: keep[:, unit_of] for name, unit_of in index.items()}
+        self._states = states
 
     def _index_on(self, device: torch.device) -> dict[str, torch.Tensor]:
         # The channel -> unit maps, copied to a device once rather than on every call.
@@ -90,4 +104,4 @@ class Masker:
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._masks = {}
+        self.set_states(None)

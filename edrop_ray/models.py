@@ -8,14 +8,21 @@ channels we swap the first convolution for a 3x3 stride-1 one with the right inp
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
 from torchvision import models as tvm
 
 from .errors import UserError
+from .masking import Masker
+from .units import Units, discover_units
 
-__all__ = ["MODELS", "build_model", "example_input"]
+if TYPE_CHECKING:
+    from .config import Config
+    from .data import DataInfo
+
+__all__ = ["MODELS", "build_model", "example_input", "Replica", "build_replica"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": tvm.resnet18,
@@ -73,3 +80,30 @@ def build_model(
 def example_input(in_channels: int, input_size: int, batch: int = 2) -> torch.Tensor:
     """A deterministic dummy batch (batch, C, H, W) for tracing and counting."""
     return torch.zeros(batch, in_channels, input_size, input_size)
+
+
+class Replica(NamedTuple):
+    """A model ready for EDropout on one device: its units and its masking hooks."""
+
+    model: nn.Module
+    units: Units
+    masker: Masker
+    example: torch.Tensor  # (2, C, H, W) zeros on the CPU, for tracing and counting
+    memory_format: torch.memory_format
+
+
+def build_replica(cfg: Config, info: DataInfo, device: torch.device) -> Replica:
+    """The run's model on ``device`` (channels-last if configured), its units found by tracing on
+    the CPU, and a :class:`Masker` on it. The trainer and every evaluator build theirs here, so
+    their models, units and hooks are the same. Seed torch first for reproducible weights."""
+    model = build_model(
+        cfg.model,
+        num_classes=info.num_classes,
+        in_channels=info.in_channels,
+        small_input=cfg.small_input,
+    )
+    example = example_input(info.in_channels, cfg.input_size)
+    units = discover_units(model, example)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=fmt)
+    return Replica(model, units, Masker(model, units), example, fmt)

@@ -23,39 +23,25 @@ from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayT
 
 from ..config import Config
 from ..data import DataInfo, load_for
+from ..devices import set_cpu_threads, worker_device
 from ..energy import compute_energies
-from ..loop import Learner, resolve_device
-from ..masking import Masker
-from ..models import build_model, example_input
+from ..loop import Learner
+from ..models import build_replica
 from ..search import Search
 from ..store import pack_states, unpack_states
-from ..units import discover_units
 from .transport import GroupMember, free_address, rank_identity
 
 __all__ = ["Trainer", "Evaluator", "Coordinator", "InputsLost"]
-
-
-def _device(cfg: Config) -> torch.device:
-    # An actor given a GPU by Ray sees exactly that one (CUDA_VISIBLE_DEVICES); without one,
-    # or with only a logical GPU on a CPU machine, it runs on the CPU.
-    if cfg.device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return resolve_device("cuda" if cfg.device == "auto" else cfg.device)
-
-
-def _cpu_threads(cfg: Config, cpus: float) -> None:
-    # Explicit, because float sums (and so, bit for bit, the masks) depend on the thread count.
-    torch.set_num_threads(cfg.cpu_threads or max(1, int(cpus)))
 
 
 class Trainer:
     """Owns the model and optimiser; trains with the best state and publishes weights."""
 
     def __init__(self, cfg: Config, cpus: float):
-        _cpu_threads(cfg, cpus)
+        set_cpu_threads(cfg.cpu_threads, cpus)
         train_set, _test, info = load_for(cfg)
         self.cfg = cfg
-        self.learner = Learner(cfg, train_set, info, _device(cfg))
+        self.learner = Learner(cfg, train_set, info, worker_device(cfg.device))
         self.member: GroupMember | None = None
         self._packed = -1  # the weights version in the broadcast buffer
 
@@ -116,21 +102,13 @@ class Evaluator:
     """A model replica that judges a shard of candidate states on the generation's batch."""
 
     def __init__(self, cfg: Config, info: DataInfo, index: int):
-        _cpu_threads(cfg, cfg.cpus_per_evaluator)
+        set_cpu_threads(cfg.cpu_threads, cfg.cpus_per_evaluator)
         self.cfg = cfg
         self.index = index
-        self.device = _device(cfg)
-        model = build_model(
-            cfg.model,
-            num_classes=info.num_classes,
-            in_channels=info.in_channels,
-            small_input=cfg.small_input,
-        )
-        self.units = discover_units(model, example_input(info.in_channels, cfg.input_size))
-        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        self.memory_format = fmt
-        self.model = model.to(device=self.device, memory_format=fmt).eval()
-        self.masker = Masker(self.model, self.units)
+        self.device = worker_device(cfg.device)
+        replica = build_replica(cfg, info, self.device)
+        self.model, self.units, self.masker = replica.model.eval(), replica.units, replica.masker
+        self.memory_format = replica.memory_format
         self.member: GroupMember | None = None
         self.version = -1
 

@@ -1,0 +1,244 @@
+"""Device and precision: every path runs with the model on a device other than the states' CPU.
+
+No GPU is needed. ``device_guard.other_device()`` gives a second device that computes on the CPU
+underneath but refuses any operation mixing it with a CPU tensor, as CUDA does. The pruning
+states come from :class:`Search` on the CPU, exactly as in a run; the model and the batches live on
+the other device. On a device mix-up these tests raise; otherwise the other device computes what
+the CPU computes, bit for bit (the same CPU kernels run underneath).
+
+bf16 autocast and channels-last run on the real CPU, where torch supports both.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from device_guard import DeviceMixError, other_device
+from torch.utils._pytree import tree_flatten
+
+from edrop_ray import loop
+from edrop_ray.config import load_config
+from edrop_ray.data import load_for
+from edrop_ray.energy import compute_energies
+from edrop_ray.loop import Learner, measure_pruned, run_edropout
+from edrop_ray.masking import Masker
+from edrop_ray.models import build_model
+from edrop_ray.search import Search
+from edrop_ray.slim import slim_model
+from edrop_ray.store import pack_states
+from edrop_ray.train import evaluate
+from edrop_ray.units import discover_units
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def tiny(*overrides: str):
+    # cpu_threads=1: the two learners compared below must sum floats in the same order
+    return load_config(ROOT / "configs" / "tiny.yaml", ("cpu_threads=1", *overrides))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_for(tiny())
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_guard_refuses_a_device_mix():
+    with other_device() as dev:
+        x = torch.ones(2, 3, device=dev)
+        with pytest.raises(DeviceMixError):
+            x * torch.ones(2, 3)
+        with pytest.raises(DeviceMixError):
+            torch.nn.Linear(3, 2)(x)  # CPU weights, batch on the device
+        assert (x * torch.tensor(2.0)).device == dev  # a CPU scalar is fine, as on CUDA
+        assert x.cpu().device == CPU and float(x.sum()) == 6.0
+
+
+def test_masker_puts_cpu_states_on_the_activation_device():
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=5, in_channels=1).eval()
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    units = discover_units(model, x)
+    states = torch.rand(2, units.num_units, generator=torch.Generator().manual_seed(2)) < 0.5
+    masker = Masker(model, units)
+    with torch.no_grad(), masker.applied(states):
+        want = model(x.repeat(2, 1, 1, 1))
+    with other_device() as dev:
+        model.to(dev)
+        with torch.no_grad(), masker.applied(states):  # states stay on the CPU
+            got = model(x.to(dev).repeat(2, 1, 1, 1))
+        with torch.no_grad(), masker.applied(states[0].to(dev)):  # states on the device: fine too
+            model(x.to(dev))
+        assert got.device == dev
+        got = got.cpu()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _one_of_each(learner: Learner, search: Search, test_set) -> dict:
+    """A generation (batched energies), a masked training step, a masked evaluation and the
+    end-of-run measure, the way the loop, compare and Tune trials call them."""
+    record = search.run_generation(learner)
+    loss = learner.train(search.best)
+    # a checkpoint is all CPU (it crosses to a driver that may have no GPU), and resumes
+    sd = learner.state_dict()
+    tensors = [t for t in tree_flatten(sd)[0] if isinstance(t, torch.Tensor)]
+    assert tensors and all(t.device == CPU for t in tensors)
+    learner.load_state_dict(sd)
+    loss_after_resume = learner.train(search.best)
+    scores = learner.evaluate(test_set, search.best)
+    slim, measured = measure_pruned(learner, test_set, search.best)
+    x = torch.randn(4, learner.info.in_channels, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        slim_logits = slim.eval()(x)
+    # `edrop-ray evaluate` and compare's fine-tuned baselines: a slimmed model on the device
+    slim_scores = evaluate(
+        slim.to(learner.device), loop.test_batches(test_set, 256), device=learner.device
+    )
+    return {
+        "energies": search.population.energies.clone(),
+        "best_energy": record["best_energy"],
+        "loss": loss,
+        "loss_after_resume": loss_after_resume,
+        "scores": scores,
+        "measured": measured,
+        "slim_logits": slim_logits,
+        "slim_scores": slim_scores,
+    }
+
+
+def test_learner_and_search_on_another_device_compute_what_the_cpu_computes(data):
+    train_set, test_set, info = data
+    cfg = tiny()
+    cpu = Learner(cfg, train_set, info, CPU)
+    want = _one_of_each(cpu, Search(cfg, cpu.units.num_units), test_set)
+    with other_device() as dev:
+        learner = Learner(cfg, train_set, info, dev)
+        assert next(learner.model.parameters()).device == dev
+        search = Search(cfg, learner.units.num_units)
+        assert search.best.device == CPU  # the states come from the CPU, as in every run
+        got = _one_of_each(learner, search, test_set)
+    torch.testing.assert_close(got["energies"], want["energies"], rtol=0, atol=0)
+    assert got["loss"] == want["loss"]
+    assert got["loss_after_resume"] == want["loss_after_resume"]
+    assert got["scores"] == want["scores"]
+    assert got["measured"] == want["measured"]
+    assert got["slim_scores"] == want["slim_scores"]
+    assert got["slim_scores"]["top1"] == want["measured"]["top1"]  # slimmed = masked
+    torch.testing.assert_close(got["slim_logits"], want["slim_logits"], rtol=0, atol=0)
+
+
+def test_the_whole_loop_on_another_device_ends_with_the_cpu_mask(data):
+    train_set, _test, info = data
+    cfg = tiny("epochs=1", "max_generations=3")
+
+    def run(device: torch.device) -> tuple[torch.Tensor, int]:
+        learner = Learner(cfg, train_set, info, device)
+        learner.total_steps = 8  # enough for generations and frozen-mask training steps
+        search = Search(cfg, learner.units.num_units)
+        run_edropout(learner, search)
+        return search.best.clone(), search.generation
+
+    want = run(CPU)
+    with other_device() as dev:
+        got = run(dev)
+    assert got[1] == want[1] == 3
+    assert torch.equal(got[0], want[0])
+
+
+def test_the_actors_code_runs_on_another_device(data, monkeypatch):
+    """The trainer and evaluator actors' own methods, called in process (no Ray cluster)."""
+    from edrop_ray.distributed import actors
+
+    train_set, _test, info = data
+    cfg = tiny()
+    states = Search(cfg, Learner(cfg, train_set, info, CPU).units.num_units).propose()
+    with other_device() as dev:
+        monkeypatch.setattr(actors, "worker_device", lambda _name: dev)
+        trainer = actors.Trainer(cfg, 1.0)
+        evaluator = actors.Evaluator(cfg, info, 0)
+        assert trainer.learner.device == dev and evaluator.device == dev
+        batch = trainer.energy_batch()  # CPU tensors, as shipped through the object store
+        assert batch[0].device == CPU
+        evaluator.model.load_state_dict(trainer.weights())
+        packed = pack_states(states)  # states travel bit-packed
+        shard, energies, _seconds = evaluator.evaluate(3, packed, batch, [None], evaluator.version)
+        want = trainer.learner.energies(states, *trainer.learner._to_device(*batch))
+        loss = trainer.train(states[0])
+    assert shard == 3 and energies.device == CPU
+    torch.testing.assert_close(energies, want, rtol=0, atol=0)
+    assert loss == loss  # not NaN
+
+
+# ------------------------------------------------------------------ bf16 autocast, channels_last
+
+
+def _probe_mask_points(model, units, seen: dict):
+    modules = dict(model.named_modules())
+    # registered after the masker's hooks: they see what flows on from the mask point
+    return [
+        modules[n].register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o))
+        for n in units.mask_points
+    ]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bf16_autocast_and_channels_last_keep_the_invariants(data, channels_last):
+    train_set, test_set, info = data
+    cfg = tiny("amp=bf16", f"channels_last={str(channels_last).lower()}")
+    learner = Learner(cfg, train_set, info, CPU)
+    search = Search(cfg, learner.units.num_units)
+    # energies under bf16 autocast: finite, and batched equals one pass per state
+    x, y = learner.energy_batch()
+    if channels_last:
+        assert x.is_contiguous(memory_format=torch.channels_last)
+    states = search.propose()
+    batched = learner.energies(states, x, y)
+    looped = compute_energies(
+        learner.model, learner.masker, states, x, y, states_per_pass=1, amp="bf16"
+    )
+    assert torch.isfinite(batched).all() and batched.dtype == torch.float32
+    torch.testing.assert_close(batched, looped, rtol=2e-2, atol=2e-2)
+    search.select(batched)
+    state = search.best
+
+    # a masked training step under autocast: switched-off channels are exactly zero
+    seen: dict = {}
+    probes = _probe_mask_points(learner.model, learner.units, seen)
+    try:
+        loss = learner.train(state)
+    finally:
+        for p in probes:
+            p.remove()
+    assert loss == loss and abs(loss) < 1e3
+    for layer, unit_of in learner.units.mask_points.items():
+        off = ~state[unit_of]
+        assert torch.count_nonzero(seen[layer][:, off]) == 0, f"{layer} leaks under bf16"
+    assert seen and any(o.dtype == torch.bfloat16 for o in seen.values())
+
+    # evaluation with channels_last inputs, and the masked model vs the slimmed one under bf16
+    scores = learner.evaluate(test_set, state)
+    assert 0.0 <= scores["top1"] <= 100.0 and scores["loss"] == scores["loss"]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    xb = x.contiguous(memory_format=fmt)
+    learner.model.eval()
+    slim = slim_model(learner.model, learner.units, state, learner.example).eval()
+    slim = slim.to(memory_format=fmt)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with learner.masker.applied(state):
+            masked = learner.model(xb).float()
+        slimmed = slim(xb).float()
+    with torch.no_grad():
+        with learner.masker.applied(state):
+            exact = learner.model(xb.float())
+    scale = float(exact.abs().max())
+    # bf16 keeps 8 bits of mantissa: both sides round differently, within a few percent
+    torch.testing.assert_close(slimmed, masked, rtol=0, atol=0.05 * scale + 1e-2)
+    torch.testing.assert_close(masked, exact, rtol=0, atol=0.05 * scale + 1e-2)
