@@ -112,13 +112,13 @@ def test_missing_config_file(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
-def test_nan_loss_stops_with_exit_2_and_keeps_the_run_dir(tmp_path, capsys):
+def test_nan_loss_stops_with_exit_2_and_leaves_the_disk_as_it_was(tmp_path, capsys):
     out = tmp_path / "nan"
     code = main(["prune", "--config", TINY, "--out", str(out), "--quiet", "--set", "lr=1e30"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "lr" in err and len(err.splitlines()) == 1
-    assert (out / "config.yaml").is_file()  # what was saved is kept
-    assert not (out / "report.json").exists()  # and no result is claimed
+    # it failed before its first checkpoint: nothing to resume, so nothing is left behind
+    assert not out.exists()
 
 
 def test_console_entry_point_runs_as_a_module(tmp_path):
