@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from .errors import RunInterrupted, UserError
 
@@ -83,24 +84,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import job  # heavy imports (torch, torchvision) only once arguments are good
-    from .config import load_config
+    from .config import load_config, read_yaml
 
     if args.verb == "prune":
         # no --config: the built-in defaults, which are configs/digits_resnet18.yaml
         cfg = load_config(args.config, _overrides(args))
+        from . import job  # heavy imports (torch, torchvision) only once the config is good
+
         out = _out(args) or f"runs/{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
         job.prune(cfg, out, overwrite=args.overwrite, quiet=args.quiet)
         if not args.quiet:
             print(f"run directory: {out}")
         return 0
     if args.verb == "resume":
+        from . import job
+
         job.resume(args.run_dir, quiet=args.quiet)
         return 0
     if args.verb == "sweep":
         from .tune import run_sweep_cli
 
         _out(args)
+        read_yaml(Path(args.space), "space", "--space")  # a binary or broken file: one line
         return run_sweep_cli(args)
     if args.verb == "compare":
         from .compare import run_compare_cli

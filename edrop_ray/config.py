@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import reprlib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -27,6 +28,7 @@ __all__ = [
     "config_from_dict",
     "dense_key",
     "validate",
+    "read_yaml",
 ]
 
 # Upper bounds that keep a typo from asking for terabytes (see validate).
@@ -191,18 +193,11 @@ def _check_keys(values: dict[Any, Any], source: str) -> None:
 
 def validate(cfg: Config) -> Config:
     """Check ranges and choices; raise UserError naming the key and the fix."""
-    from .data import DATASETS  # local: data imports torchvision, config stays light
-    from .models import MODELS
 
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise UserError(message)
 
-    need(cfg.model in MODELS, f"unknown model {cfg.model!r}; choose one of: {', '.join(MODELS)}")
-    need(
-        cfg.dataset in DATASETS,
-        f"unknown dataset {cfg.dataset!r}; choose one of: {', '.join(DATASETS)}",
-    )
     defaults = Config()
     for f in fields(Config):
         v = getattr(cfg, f.name)
@@ -263,8 +258,17 @@ def validate(cfg: Config) -> Config:
             v = getattr(cfg, key)
             need(v in choices, f"{key} must be one of {', '.join(choices)}, got {v!r}")
     need(
-        cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
+        cfg.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", cfg.device),
         f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}",
+    )
+    # last: the registries import torchvision, and every check above is answered without it
+    from .data import DATASETS
+    from .models import MODELS
+
+    need(cfg.model in MODELS, f"unknown model {cfg.model!r}; choose one of: {', '.join(MODELS)}")
+    need(
+        cfg.dataset in DATASETS,
+        f"unknown dataset {cfg.dataset!r}; choose one of: {', '.join(DATASETS)}",
     )
     return cfg
 
@@ -277,7 +281,7 @@ def config_from_dict(values: Any, source: str) -> Config:
     return validate(Config(**{k: _coerce(k, v) for k, v in values.items()}))
 
 
-def _read_yaml(p: Path, what: str, flag: str) -> Any:
+def read_yaml(p: Path, what: str, flag: str) -> Any:
     """safe_load of a small text file; every way it can fail is one UserError line."""
     if not p.is_file():
         raise UserError(f"{what} file {str(p)!r} not found; pass an existing {flag} FILE")
@@ -304,7 +308,7 @@ def load_config(
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        loaded = _read_yaml(p, "config", "--config")
+        loaded = read_yaml(p, "config", "--config")
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

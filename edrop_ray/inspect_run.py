@@ -31,7 +31,7 @@ from torch import nn
 
 from . import report as rep
 from . import store
-from .config import load_config
+from .config import Config, config_from_dict, load_config
 from .data import load_datasets
 from .errors import UserError
 from .loop import resolve_device, test_batches
@@ -58,6 +58,15 @@ _ONNX_HINT = (
 
 
 # ---------------------------------------------------------------------------------------- report
+
+
+def run_config(run_dir: Path) -> Config:
+    """The config the run used: the copy in its marker (config.yaml may have been edited since);
+    config.yaml for runs made before the marker held one."""
+    recorded = store.read_marker(run_dir).get("config")
+    if isinstance(recorded, dict):
+        return config_from_dict(recorded, f"the marker of {str(run_dir)!r}")
+    return load_config(run_dir / "config.yaml")
 
 
 def report_cli(args: argparse.Namespace) -> int:
@@ -90,14 +99,34 @@ def _finished_report(run_dir: Path) -> dict[str, Any]:
         raise UserError(
             f"{str(path)!r} is not valid JSON ({type(e).__name__}); re-run the prune"
         ) from e
-    if not isinstance(report, dict):
-        raise UserError(f"{str(path)!r} does not hold a run report; re-run the prune")
+    missing = sorted(REPORT_KEYS - set(report)) if isinstance(report, dict) else ["all"]
+    if missing:
+        raise UserError(
+            f"{str(path)!r} does not hold a run report (no {missing[0]!r}); re-run the prune"
+        )
+    for key in sorted(REPORT_KEYS - {"dataset", "model"}):
+        if isinstance(report[key], bool) or not isinstance(report[key], int | float):
+            raise UserError(f"{str(path)!r} is damaged ({key} is not a number); re-run the prune")
     return report
+
+
+# what a report must hold for the summary table (report.summary_rows)
+REPORT_KEYS = frozenset({
+    "dataset", "model", "dense_top1", "dense_top5", "pruned_top1", "pruned_top5", "params_dense",
+    "params_pruned", "macs_dense", "macs_pruned", "prune_rate", "generations", "wall_s",
+})  # fmt: skip
 
 
 def _read_history(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "history.parquet"
-    return pq.read_table(path).to_pylist() if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        return pq.read_table(path).to_pylist()
+    except (OSError, ValueError) as e:  # ArrowInvalid is a ValueError
+        raise UserError(
+            f"{str(path)!r} is not a readable Parquet table ({type(e).__name__}); re-run the prune"
+        ) from None
 
 
 def _report_run(run_dir: Path, fmt: str) -> int:
@@ -220,12 +249,15 @@ def export_cli(args: argparse.Namespace) -> int:
             raise UserError(_ONNX_HINT)
     run_dir = store.open_run_dir(args.run_dir)
     pruned_path, blob = _pruned_blob(run_dir)
-    if args.output:
-        output = Path(args.output)
+    if args.output is not None:
+        if not args.output.strip():
+            raise UserError("--output is empty; pass a file path, e.g. --output model.pt")
+        output = Path(args.output).expanduser()
         if output.is_dir():
             raise UserError(f"--output {str(output)!r} is a folder; pass a file path")
     else:
         output = run_dir / "export" / f"model{EXPORT_SUFFIX[fmt]}"
+    store.check_writable(output.parent, "--output")
     output.parent.mkdir(parents=True, exist_ok=True)
 
     model = load_pruned(pruned_path)
@@ -321,7 +353,7 @@ def _export_onnx(model: nn.Module, path: Path, x: torch.Tensor) -> torch.Tensor 
 def evaluate_cli(args: argparse.Namespace) -> int:
     """Top-1/Top-5 of the run's saved slimmed model on the test split of a dataset."""
     run_dir = store.open_run_dir(args.run_dir)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = run_config(run_dir)
     pruned_path, blob = _pruned_blob(run_dir)
     dataset = args.dataset or cfg.dataset
     data_root = args.data_root or cfg.data_root

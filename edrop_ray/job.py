@@ -136,7 +136,7 @@ def prune(cfg: Config, out: str | Path, *, overwrite: bool = False, quiet: bool 
     store.check_out(out, overwrite=overwrite)
     data = load_data(cfg)
     device = check_inputs(cfg, data)
-    run_dir = store.stage_out(out)
+    run_dir = store.stage_out(out, config=config_to_dict(cfg))
     try:
         store.write_yaml(run_dir / "config.yaml", config_to_dict(cfg))
         report = _execute(cfg, run_dir, data, device, checkpoint=None, quiet=quiet)

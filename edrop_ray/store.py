@@ -28,6 +28,7 @@ __all__ = [
     "folder_kind",
     "read_marker",
     "check_out",
+    "check_writable",
     "stage_out",
     "commit_out",
     "abandon_out",
@@ -143,7 +144,7 @@ def _stage_path(out: Path) -> Path:
     return out.parent / f"{out.name}.new"
 
 
-def _check_writable(path: Path, flag: str) -> None:
+def check_writable(path: Path, flag: str) -> None:
     """The nearest existing folder at or above ``path`` must be a writable folder."""
     p = path
     while not p.exists():
@@ -168,7 +169,7 @@ def check_out(out: str | Path, *, overwrite: bool, kind: str = "run", flag: str 
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {str(path)!r} is a file; pass a folder path")
-    _check_writable(path, flag)
+    check_writable(path, flag)
     if not path.is_dir():
         return path
     try:
@@ -198,7 +199,7 @@ def check_out(out: str | Path, *, overwrite: bool, kind: str = "run", flag: str 
             f"{flag} {str(path)!r} holds {what} and also {foreign[0]!r}, which edrop_ray did not "
             "write; --overwrite replaces only its own files: move it out or pick another " + flag
         )
-    _check_writable(path.parent, flag)
+    check_writable(path.parent, flag)
     stage = _stage_path(path)
     if stage.exists():
         m = _read_json(stage / MARKER) if stage.is_dir() else None
@@ -210,7 +211,7 @@ def check_out(out: str | Path, *, overwrite: bool, kind: str = "run", flag: str 
     return path
 
 
-def stage_out(out: str | Path, *, kind: str = "run") -> Path:
+def stage_out(out: str | Path, *, kind: str = "run", config: dict | None = None) -> Path:
     """The folder a new run (or comparison) is written to; call after :func:`check_out`.
 
     A missing or empty ``out`` is written in place. A run already in ``out`` stays untouched:
@@ -218,6 +219,8 @@ def stage_out(out: str | Path, *, kind: str = "run") -> Path:
     """
     path = Path(out).expanduser()
     marker: dict[str, Any] = {"format": RUN_FORMAT, "kind": kind}
+    if config is not None:
+        marker["config"] = config  # the config the run used, whatever config.yaml says later
     if path.is_dir() and any(path.iterdir()):
         stage = _stage_path(path)
         if stage.exists():  # an abandoned earlier attempt to replace the same run: ours
