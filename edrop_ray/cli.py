@@ -84,14 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .config import load_config, read_yaml
+    from .config import load_config, read_yaml, validate
 
     if args.verb == "prune":
         # no --config: the built-in defaults, which are configs/digits_resnet18.yaml
-        cfg = load_config(args.config, _overrides(args))
-        from . import job  # heavy imports (torch, torchvision) only once the config is good
-
+        cfg = load_config(args.config, _overrides(args), names=False)
         out = _out(args) or f"runs/{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        from . import store
+
+        store.check_out(out, overwrite=args.overwrite)  # answered before torch is imported
+        from . import job  # heavy imports (torch, torchvision) only once the input is good
+
+        validate(cfg)  # the model and dataset names: their registries import torchvision
         job.prune(cfg, out, overwrite=args.overwrite, quiet=args.quiet)
         if not args.quiet:
             print(f"run directory: {out}")

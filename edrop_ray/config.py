@@ -110,11 +110,15 @@ _DENSE_FIELDS = (
 
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlevel = 2
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
 
 
 def show(value: Any) -> str:
-    """A short repr for messages: bounded however large or deeply nested ``value`` is."""
-    return _REPR.repr(value)
+    """A short repr for messages: bounded however large or deeply nested ``value`` is (an
+    alias bomb is a few references deep, but expands to billions of items)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _field_types() -> dict[str, Any]:
@@ -158,10 +162,15 @@ def _coerce(key: str, value: Any) -> Any:
             return str(value)
     except (TypeError, ValueError, OverflowError):
         pass
-    raise UserError(f"{key} must be {base}, got {show(value)}; e.g. --set {key}={_example(base)}")
+    raise UserError(
+        f"{key} must be {base}, got {show(value)}; e.g. --set {key}={_example(key, base)}"
+    )
 
 
-def _example(base: str) -> str:
+def _example(key: str, base: str) -> str:
+    default = getattr(Config(), key)
+    if default is not None and default != "":
+        return str(default).lower() if isinstance(default, bool) else str(default)
     return {"bool": "true", "int": "3", "float": "0.5"}.get(base, "name")
 
 
@@ -191,8 +200,12 @@ def _check_keys(values: dict[Any, Any], source: str) -> None:
         )
 
 
-def validate(cfg: Config) -> Config:
-    """Check ranges and choices; raise UserError naming the key and the fix."""
+def validate(cfg: Config, *, names: bool = True) -> Config:
+    """Check ranges and choices; raise UserError naming the key and the fix.
+
+    ``names=False`` leaves out the model and dataset names (their registries import
+    torchvision); the CLI checks those after the output folder, which is checked without torch.
+    """
 
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -261,6 +274,8 @@ def validate(cfg: Config) -> Config:
         cfg.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", cfg.device),
         f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}",
     )
+    if not names:
+        return cfg
     # last: the registries import torchvision, and every check above is answered without it
     from .data import DATASETS
     from .models import MODELS
@@ -302,7 +317,10 @@ def read_yaml(p: Path, what: str, flag: str) -> Any:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    names: bool = True,
 ) -> Config:
     """Read a YAML config (optional), apply ``key=value`` overrides, validate, return it."""
     values: dict[str, Any] = {}
@@ -319,7 +337,7 @@ def load_config(
         key, value = parse_override(text)
         _check_keys({key: value}, "--set")
         values[key] = _coerce(key, value)
-    return validate(Config(**values))
+    return validate(Config(**values), names=names)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

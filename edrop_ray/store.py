@@ -12,15 +12,18 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
 import yaml
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import torch
+
+# numpy, pyarrow and torch are imported where they are used: checking an output folder (the
+# CLI does it before anything heavy is loaded) must not pay for them.
 
 __all__ = [
     "RUN_MARKERS",
@@ -109,6 +112,8 @@ def folder_kind(path: Path) -> str | None:
     if isinstance(comp, dict) and comp.get("format") == "edrop_ray.compare/1":
         return "compare"
     if (path / CHECKPOINT).is_file():
+        import torch
+
         try:
             blob = torch.load(path / CHECKPOINT, map_location="cpu", weights_only=True)
         except Exception:  # any unreadable file is not proof of a run
@@ -309,6 +314,8 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def save_torch(path: Path, obj: Any) -> None:
     """``torch.save`` through :func:`write_atomic` (load it back with ``weights_only=True``)."""
+    import torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     write_atomic(path, buf.getvalue())
@@ -323,6 +330,9 @@ def write_yaml(path: Path, obj: Any) -> None:
 
 
 def _write_table(path: Path, table: pa.Table) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     write_atomic(path, sink.getvalue().to_pybytes())
@@ -330,22 +340,31 @@ def _write_table(path: Path, table: pa.Table) -> None:
 
 def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     """Per-generation metrics, one row per generation."""
+    import pyarrow as pa
+
     _write_table(path, pa.Table.from_pylist(rows))
 
 
 def pack_states(states: torch.Tensor) -> list[bytes]:
     """(S, D) bool -> S bit-packed byte strings (D/8 bytes each)."""
+    import numpy as np
+
     bits = states.cpu().numpy().astype(np.uint8)
     return [np.packbits(row).tobytes() for row in bits]
 
 
 def unpack_states(packed: list[bytes], num_units: int) -> torch.Tensor:
+    import numpy as np
+    import torch
+
     rows = [np.unpackbits(np.frombuffer(b, dtype=np.uint8))[:num_units] for b in packed]
     return torch.from_numpy(np.stack(rows).astype(bool))
 
 
 def write_population(path: Path, rows: list[dict[str, Any]]) -> None:
     """Population snapshots: columns generation, member, energy, num_units, bits (packed)."""
+    import pyarrow as pa
+
     schema = pa.schema(
         [
             ("generation", pa.int64()),
@@ -375,6 +394,8 @@ def snapshot_rows(generation: int, states: torch.Tensor, energies: torch.Tensor)
 
 def read_population(path: Path) -> dict[int, torch.Tensor]:
     """generation -> (S, D) bool states, from a population.parquet file."""
+    import pyarrow.parquet as pq
+
     table = pq.read_table(path).to_pylist()
     by_gen: dict[int, list[dict]] = {}
     for row in table:
@@ -389,6 +410,8 @@ def read_population(path: Path) -> dict[int, torch.Tensor]:
 
 def save_checkpoint(run_dir: Path, blob: dict[str, Any]) -> None:
     """Atomically replace ``checkpoint.pt`` (the old one stays whole until the new one is)."""
+    import torch
+
     path = run_dir / CHECKPOINT
     fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".checkpoint.", suffix=".tmp")
     try:
@@ -405,6 +428,8 @@ def save_checkpoint(run_dir: Path, blob: dict[str, Any]) -> None:
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     """Load ``checkpoint.pt`` with ``weights_only=True``; UserError when missing or corrupt."""
+    import torch
+
     path = run_dir / CHECKPOINT
     if not path.is_file():
         raise UserError(f"{str(run_dir)!r} has no checkpoint.pt to resume from; start a new run")
