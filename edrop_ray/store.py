@@ -186,6 +186,12 @@ def check_out(out: str | Path, *, overwrite: bool, kind: str = "run", flag: str 
         return path
     found = folder_kind(path)
     what = "a comparison" if kind == "compare" else "a run"
+    if found is None and kind == "compare" and (path / "edropout").is_dir():
+        raise UserError(
+            f"{flag} {str(path)!r} holds an unfinished comparison without this tool's marker "
+            f"(edropout/ but no {MARKER}); nothing there was touched, and --overwrite replaces "
+            "only marked folders: remove it yourself or pick another " + flag
+        )
     if found is None:
         raise UserError(
             f"{flag} {str(path)!r} is not an edrop_ray run folder (it holds {entries[0]!r} and "
