@@ -23,20 +23,18 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow.parquet as pq
-import torch
-from torch import nn
-
-from . import report as rep
 from . import store
 from .config import Config, config_from_dict, load_config
-from .data import load_datasets
 from .errors import UserError
-from .loop import resolve_device, test_batches
-from .slim import load_pruned, save_pruned
-from .train import evaluate
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch, torchvision, pyarrow and matplotlib are imported inside the functions that use them,
+# after the run folder and the arguments are checked: a bad input is answered in a blink.
 
 __all__ = [
     "report_cli",
@@ -77,7 +75,7 @@ def report_cli(args: argparse.Namespace) -> int:
     # has a sweep.json
     if path.is_dir() and (path / "sweep.json").is_file():
         return _report_sweep(path, fmt)
-    if path.is_dir() and (path / "config.yaml").is_file():
+    if path.is_dir() and (store.folder_kind(path) == "run" or (path / "report.json").is_file()):
         return _report_run(store.open_run_dir(path), fmt)
     raise UserError(
         f"{str(path)!r} is not a run or sweep directory (no config.yaml or sweep.json); "
@@ -118,6 +116,8 @@ REPORT_KEYS = frozenset({
 
 
 def _read_history(run_dir: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
     path = run_dir / "history.parquet"
     if not path.is_file():
         return []
@@ -130,6 +130,8 @@ def _read_history(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _report_run(run_dir: Path, fmt: str) -> int:
+    from . import report as rep
+
     report = _finished_report(run_dir)
     plots = rep.write_plots(run_dir, _read_history(run_dir))
     if report.get("kept_per_layer"):
@@ -149,6 +151,8 @@ def _report_run(run_dir: Path, fmt: str) -> int:
 
 
 def _report_sweep(sweep_dir: Path, fmt: str) -> int:
+    from . import report as rep
+
     path = sweep_dir / "sweep.json"
     try:
         rows = rep.sweep_rows(json.loads(path.read_text()))
@@ -185,6 +189,8 @@ def _pruned_blob(run_dir: Path) -> tuple[Path, dict[str, Any]]:
             f"run {str(run_dir)!r} has no pruned_model.pt (it has not finished); "
             f"resume it with: edrop-ray resume {run_dir}"
         )
+    import torch
+
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle: the same to the user
@@ -198,6 +204,8 @@ def _pruned_blob(run_dir: Path) -> tuple[Path, dict[str, Any]]:
 
 def check_batch(blob: dict[str, Any], n: int = _CHECK_BATCH) -> torch.Tensor:
     """A deterministic (n, C, H, W) batch of standard-normal inputs for the export check."""
+    import torch
+
     g = torch.Generator().manual_seed(0)
     size = blob["input_size"]
     return torch.randn(n, blob["in_channels"], size, size, generator=g)
@@ -248,7 +256,6 @@ def export_cli(args: argparse.Namespace) -> int:
         if missing:
             raise UserError(_ONNX_HINT)
     run_dir = store.open_run_dir(args.run_dir)
-    pruned_path, blob = _pruned_blob(run_dir)
     if args.output is not None:
         if not args.output.strip():
             raise UserError("--output is empty; pass a file path, e.g. --output model.pt")
@@ -257,8 +264,12 @@ def export_cli(args: argparse.Namespace) -> int:
             raise UserError(f"--output {str(output)!r} is a folder; pass a file path")
     else:
         output = run_dir / "export" / f"model{EXPORT_SUFFIX[fmt]}"
-    store.check_writable(output.parent, "--output")
+    store.check_writable(output.parent, "--output", given=output)
+    pruned_path, blob = _pruned_blob(run_dir)
     output.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    from .slim import load_pruned
 
     model = load_pruned(pruned_path)
     x = check_batch(blob)
@@ -294,6 +305,10 @@ class _CheckFailed(Exception):
 
 
 def _export_recipe(model: nn.Module, blob: dict, path: Path, x: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    from .slim import load_pruned, save_pruned
+
     save_pruned(
         path,
         model,
@@ -310,6 +325,8 @@ def _export_recipe(model: nn.Module, blob: dict, path: Path, x: torch.Tensor) ->
 
 
 def _export_torchscript(model: nn.Module, path: Path, x: torch.Tensor) -> torch.Tensor:
+    import torch
+
     print("note: torch deprecates TorchScript (torch.jit) in favour of torch.export; the file "
           "still loads with torch.jit.load", file=sys.stderr)  # fmt: skip
     with warnings.catch_warnings():  # said once above instead of four FutureWarnings
@@ -323,6 +340,8 @@ def _export_torchscript(model: nn.Module, path: Path, x: torch.Tensor) -> torch.
 
 
 def _export_onnx(model: nn.Module, path: Path, x: torch.Tensor) -> torch.Tensor | None:
+    import torch
+
     batch = torch.export.Dim("batch", min=1)
     torch.onnx.export(
         model,
@@ -357,6 +376,8 @@ def evaluate_cli(args: argparse.Namespace) -> int:
     pruned_path, blob = _pruned_blob(run_dir)
     dataset = args.dataset or cfg.dataset
     data_root = args.data_root or cfg.data_root
+    from .data import load_datasets
+
     try:
         _, test_set, info = load_datasets(
             dataset,
@@ -373,6 +394,10 @@ def evaluate_cli(args: argparse.Namespace) -> int:
             f"channel(s), but the model of {str(run_dir)!r} takes {blob['in_channels']} channel(s) "
             f"and predicts {blob['num_classes']} classes; pick a matching --dataset"
         )
+    from .loop import resolve_device, test_batches
+    from .slim import load_pruned
+    from .train import evaluate
+
     device = resolve_device(cfg.device)
     model = load_pruned(pruned_path).to(device)
     result = evaluate(model, test_batches(test_set, cfg.eval_batch_size), device=device)

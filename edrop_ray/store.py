@@ -149,9 +149,11 @@ def _stage_path(out: Path) -> Path:
     return out.parent / f"{out.name}.new"
 
 
-def check_writable(path: Path, flag: str) -> None:
-    """The nearest existing folder at or above ``path`` must be a writable folder."""
+def check_writable(path: Path, flag: str, given: Path | None = None) -> None:
+    """The nearest existing folder at or above ``path`` must be a writable folder (``given``:
+    the path as the user wrote it, for the message)."""
     p = path
+    path = given if given is not None else path
     while not p.exists():
         if p.parent == p:
             break
@@ -300,6 +302,11 @@ def open_run_dir(path: str | Path) -> Path:
     p = Path(path)
     if not p.is_dir() or not (p / "config.yaml").is_file():
         raise UserError(f"{str(p)!r} is not a run directory (no config.yaml); pass a run's folder")
+    if not any((p / name).is_file() for name in RUN_MARKERS):
+        raise UserError(
+            f"{str(p)!r} is not a run directory (no {MARKER}, report.json or checkpoint.pt); "
+            "pass the --out folder of a prune"
+        )
     return p
 
 

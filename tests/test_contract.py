@@ -230,7 +230,8 @@ CASES = [
          _read_only, True),  # fmt: skip
     Case("export-empty", ["export", "{run}", "--output", ""], "--output is empty"),
     Case("export-folder", ["export", "{run}", "--output", "{user}"], "is a folder"),
-    Case("export-unfinished", ["export", "{user}"], "has no pruned_model.pt"),
+    Case("export-not-a-run", ["export", "{user}"], "is not a run directory"),
+    Case("report-user-folder", ["report", "{user}"], "is not a run or sweep directory"),
     Case("evaluate-missing-data", ["evaluate", "{run}", "--dataset", "cifar10", "--data-root",
                                    "{d}/none"], "missing"),  # fmt: skip
     # sweep
