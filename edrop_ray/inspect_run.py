@@ -78,8 +78,8 @@ def report_cli(args: argparse.Namespace) -> int:
     if path.is_dir() and (store.folder_kind(path) == "run" or (path / "report.json").is_file()):
         return _report_run(store.open_run_dir(path), fmt)
     raise UserError(
-        f"{str(path)!r} is not a run or sweep directory (no config.yaml or sweep.json); "
-        "pass the --out folder of a prune or a sweep"
+        f"{str(path)!r} is not a run or sweep directory (no .edrop_ray_run, report.json or "
+        "sweep.json); pass the --out folder of a prune or a sweep"
     )
 
 
