@@ -101,6 +101,9 @@ def _run(args: argparse.Namespace) -> int:
             print(f"run directory: {out}")
         return 0
     if args.verb == "resume":
+        from . import store
+
+        store.open_resumable(args.run_dir)  # answered before torch is imported
         from . import job
 
         job.resume(args.run_dir, quiet=args.quiet)

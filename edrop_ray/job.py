@@ -151,12 +151,7 @@ def prune(cfg: Config, out: str | Path, *, overwrite: bool = False, quiet: bool 
 
 def resume(run_dir: str | Path, *, quiet: bool = False) -> dict:
     """Continue a stopped run from its last checkpoint to the same result as an unbroken run."""
-    path = store.open_run_dir(run_dir)
-    if (path / "report.json").is_file():
-        raise UserError(
-            f"run {str(path)!r} is finished (report.json exists); nothing to resume: see "
-            f"edrop-ray report {path}"
-        )
+    path = store.open_resumable(run_dir)
     blob = store.load_checkpoint(path)
     cfg = config_from_dict(blob.get("config"), f"the checkpoint of {str(path)!r}")
     _check_config_file(path, blob["config"])

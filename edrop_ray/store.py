@@ -36,6 +36,7 @@ __all__ = [
     "commit_out",
     "abandon_out",
     "prepare_run_dir",
+    "open_resumable",
     "open_run_dir",
     "write_atomic",
     "write_json",
@@ -307,6 +308,19 @@ def open_run_dir(path: str | Path) -> Path:
             f"{str(p)!r} is not a run directory (no {MARKER}, report.json or checkpoint.pt); "
             "pass the --out folder of a prune"
         )
+    return p
+
+
+def open_resumable(path: str | Path) -> Path:
+    """A run directory that has not finished and has a checkpoint; UserError otherwise."""
+    p = open_run_dir(path)
+    if (p / "report.json").is_file():
+        raise UserError(
+            f"run {str(p)!r} is finished (report.json exists); nothing to resume: see "
+            f"edrop-ray report {p}"
+        )
+    if not (p / CHECKPOINT).is_file():
+        raise UserError(f"{str(p)!r} has no checkpoint.pt to resume from; start a new run")
     return p
 
 
