@@ -147,6 +147,7 @@ def _foreign(path: Path, kind: str) -> list[str]:
 
 
 def _stage_path(out: Path) -> Path:
+    out = Path(os.path.abspath(out))  # "." and "runs/demo/.." have a real name to stage beside
     return out.parent / f"{out.name}.new"
 
 
@@ -213,11 +214,11 @@ def check_out(out: str | Path, *, overwrite: bool, kind: str = "run", flag: str 
             f"{flag} {str(path)!r} holds {what} and also {foreign[0]!r}, which edrop_ray did not "
             "write; --overwrite replaces only its own files: move it out or pick another " + flag
         )
-    check_writable(path.parent, flag)
     stage = _stage_path(path)
+    check_writable(stage.parent, flag)
     if stage.exists():
         m = _read_json(stage / MARKER) if stage.is_dir() else None
-        if not (isinstance(m, dict) and m.get("replaces") == path.name):
+        if not (isinstance(m, dict) and m.get("replaces") == stage.name.removesuffix(".new")):
             raise UserError(
                 f"{str(stage)!r} is in the way (--overwrite writes the new run there and swaps "
                 "it in at the end); move it or pick another " + flag
@@ -239,7 +240,7 @@ def stage_out(out: str | Path, *, kind: str = "run", config: dict | None = None)
         stage = _stage_path(path)
         if stage.exists():  # an abandoned earlier attempt to replace the same run: ours
             shutil.rmtree(stage)
-        marker["replaces"] = path.name
+        marker["replaces"] = stage.name.removesuffix(".new")
         path = stage
     marker["created"] = not path.exists()
     path.mkdir(parents=True, exist_ok=True)

@@ -455,3 +455,19 @@ def test_any_value_of_any_key_is_a_valid_config_or_one_line_naming_the_key(tmp_p
                 assert -(2**63) <= v < 2**63, (k, v)
 
     check()
+
+
+def test_overwrite_of_the_current_folder_stages_beside_it(tmp_path, monkeypatch):
+    """--out . names a folder too: the new run goes beside it, never inside it."""
+    old = tmp_path / "run"
+    old.mkdir()
+    store.write_json(old / store.MARKER, {"format": store.RUN_FORMAT, "kind": "run"})
+    (old / "report.json").write_text("{}")
+    monkeypatch.chdir(old)
+    store.check_out(".", overwrite=True)
+    staged = store.stage_out(".")
+    assert staged == tmp_path / "run.new"
+    (staged / "report.json").write_text('{"new": 1}')
+    assert store.commit_out(staged) == old
+    assert json.loads((old / "report.json").read_text()) == {"new": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
