@@ -171,3 +171,23 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert store.load_checkpoint(tmp_path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_ctrl_c_names_the_real_folder(tmp_path, monkeypatch, capsys, kept):
+    from edrop_ray import job
+    from edrop_ray.errors import RunInterrupted
+
+    out = tmp_path / "run"
+
+    def interrupted(cfg, out_, **k):
+        raise RunInterrupted(tmp_path / "run.new" if kept else None, out)
+
+    monkeypatch.setattr(job, "prune", interrupted)
+    assert main(["prune", "--config", TINY, "--out", str(out), "--quiet"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "DIR" not in err
+    if kept:
+        assert err.endswith(f"edrop-ray resume {tmp_path / 'run.new'}")
+    else:
+        assert f"{out} is as it was" in err
