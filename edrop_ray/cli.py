@@ -109,16 +109,21 @@ def _run(args: argparse.Namespace) -> int:
         job.resume(args.run_dir, quiet=args.quiet)
         return 0
     if args.verb == "sweep":
-        from .tune import run_sweep_cli
-
+        load_config(args.config, args.overrides, names=False)  # checks without torch or Ray
         _out(args)
         read_yaml(Path(args.space), "space", "--space")  # a binary or broken file: one line
+        from .tune import run_sweep_cli
+
         return run_sweep_cli(args)
     if args.verb == "compare":
+        args.overrides = _overrides(args)
+        load_config(args.config, args.overrides, names=False)  # checks without torch
+        if _out(args):
+            from . import store
+
+            store.check_out(args.out, overwrite=args.overwrite, kind="compare")
         from .compare import run_compare_cli
 
-        args.overrides = _overrides(args)
-        _out(args)
         return run_compare_cli(args)
     if args.verb in ("report", "export", "evaluate"):
         from . import inspect_run
