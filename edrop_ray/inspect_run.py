@@ -75,7 +75,7 @@ def report_cli(args: argparse.Namespace) -> int:
     # has a sweep.json
     if path.is_dir() and (path / "sweep.json").is_file():
         return _report_sweep(path, fmt)
-    if path.is_dir() and (store.folder_kind(path) == "run" or (path / "report.json").is_file()):
+    if path.is_dir() and (path / "config.yaml").is_file():
         return _report_run(store.open_run_dir(path), fmt)
     raise UserError(
         f"{str(path)!r} is not a run or sweep directory (no .edrop_ray_run, report.json or "
@@ -369,6 +369,13 @@ def _export_onnx(model: nn.Module, path: Path, x: torch.Tensor) -> torch.Tensor 
 # -------------------------------------------------------------------------------------- evaluate
 
 
+def load_datasets(*args, **kwargs):
+    """:func:`edrop_ray.data.load_datasets`, imported on first use (it imports torchvision)."""
+    from .data import load_datasets as load
+
+    return load(*args, **kwargs)
+
+
 def evaluate_cli(args: argparse.Namespace) -> int:
     """Top-1/Top-5 of the run's saved slimmed model on the test split of a dataset."""
     run_dir = store.open_run_dir(args.run_dir)
@@ -376,8 +383,6 @@ def evaluate_cli(args: argparse.Namespace) -> int:
     pruned_path, blob = _pruned_blob(run_dir)
     dataset = args.dataset or cfg.dataset
     data_root = args.data_root or cfg.data_root
-    from .data import load_datasets
-
     try:
         _, test_set, info = load_datasets(
             dataset,

@@ -304,12 +304,26 @@ def open_run_dir(path: str | Path) -> Path:
     p = Path(path)
     if not p.is_dir() or not (p / "config.yaml").is_file():
         raise UserError(f"{str(p)!r} is not a run directory (no config.yaml); pass a run's folder")
-    if not any((p / name).is_file() for name in RUN_MARKERS):
+    if not any((p / name).is_file() for name in RUN_MARKERS) and not _resolved_config(p):
         raise UserError(
-            f"{str(p)!r} is not a run directory (no {MARKER}, report.json or checkpoint.pt); "
-            "pass the --out folder of a prune"
+            f"{str(p)!r} is not a run directory (no {MARKER}, report.json, checkpoint.pt or "
+            "resolved config.yaml); pass the --out folder of a prune"
         )
     return p
+
+
+# Keys every resolved config.yaml this tool has written holds (a stopped run of an earlier
+# version is recognised by them); a config.yaml of the user's own rarely has them all.
+_CORE_KEYS = frozenset({"dataset", "model", "population_size", "p0", "mutation", "F", "CR",
+                        "kappa", "evolve_every", "patience", "backend"})  # fmt: skip
+
+
+def _resolved_config(path: Path) -> bool:
+    try:
+        loaded = yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
+        return False
+    return isinstance(loaded, dict) and _CORE_KEYS <= set(loaded)
 
 
 def open_resumable(path: str | Path) -> Path:

@@ -231,7 +231,7 @@ CASES = [
     Case("export-empty", ["export", "{run}", "--output", ""], "--output is empty"),
     Case("export-folder", ["export", "{run}", "--output", "{user}"], "is a folder"),
     Case("export-not-a-run", ["export", "{user}"], "is not a run directory"),
-    Case("report-user-folder", ["report", "{user}"], "is not a run or sweep directory"),
+    Case("report-user-folder", ["report", "{user}"], "is not a run directory"),
     Case("evaluate-missing-data", ["evaluate", "{run}", "--dataset", "cifar10", "--data-root",
                                    "{d}/none"], "missing"),  # fmt: skip
     # sweep
