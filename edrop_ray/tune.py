@@ -386,6 +386,7 @@ def _check_storage(path: Path, spec: dict[str, Any]) -> bool:
     else; False when it is new or empty."""
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {str(path)!r} is a file; pass a folder path")
+    store.check_writable(path, "--out")  # before Ray starts, not when Tune first writes
     if not path.is_dir() or not any(path.iterdir()):
         return False
     spec_file = path / SPEC_FILE
