@@ -12,6 +12,7 @@ import json
 import math
 import re
 import reprlib
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -97,10 +98,18 @@ class Config:
     weights_dtype: str = "fp32"  # fp32 (exact) | bf16 (half the bytes; energies move, see README)
 
 
+def _mutations() -> tuple[str, ...]:
+    # Operators registered with edrop_ray.population.register_mutation count once that module is
+    # loaded (a user's own code registers before it builds a config); the CLI checks its input
+    # before torch is imported, so it knows the built-in ones.
+    population = sys.modules.get("edrop_ray.population")
+    return population.mutations() if population is not None else ("logical", "sigmoid")
+
+
 _CHOICES = {
     "device": None,  # validated by pattern below
     "amp": ("none", "bf16"),
-    "mutation": ("logical", "sigmoid"),
+    "mutation": None,  # the registry of edrop_ray.population, see _mutations
     "backend": ("local", "ray"),
     "placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "weights_transport": ("auto", "collective", "object_store"),
@@ -274,6 +283,10 @@ def validate(cfg: Config, *, names: bool = True) -> Config:
     need(cfg.cpu_threads >= 0, f"cpu_threads must be >= 0 (0 = auto), got {cfg.cpu_threads}")
     need(
         cfg.bn_recalibrate >= 0, f"bn_recalibrate must be >= 0 (0 = off), got {cfg.bn_recalibrate}"
+    )
+    need(
+        cfg.mutation in _mutations(),
+        f"mutation must be one of {', '.join(_mutations())}, got {cfg.mutation!r}",
     )
     for key, choices in _CHOICES.items():
         if choices:
