@@ -62,6 +62,8 @@ class Counter:
     params_q:  (G+1, G+1) float64, params(s) = k~ Q k~^T with k~ = [1, max(k_1, 1), ...].
     macs_q:    (G+1, G+1) float64, the same for MACs of one sample.
     dense_params, dense_macs: the counts of the unpruned model.
+    grouped:   groups whose channels enter or leave a grouped conv (1 < groups < in_channels):
+               counted with fixed conv groups, but slim_model cannot prune them yet.
     Plain tensors: pickles cheaply to Ray actors.
     """
 
@@ -70,6 +72,7 @@ class Counter:
     macs_q: torch.Tensor
     dense_params: int
     dense_macs: int
+    grouped: tuple[int, ...] = ()
 
     @property
     def num_units(self) -> int:
@@ -131,7 +134,6 @@ def _fixed(n: int, size: int) -> torch.Tensor:
     return v
 
 
-@torch.no_grad()
 def build_counter(
     model: nn.Module, units: Units, example_inputs: torch.Tensor, *, verify: bool = True
 ) -> Counter:
@@ -196,7 +198,8 @@ def build_counter(
             handles.append(m.register_forward_pre_hook(record))
             handles.append(m.register_forward_hook(shape_out))
     try:
-        model(x.to(device).repeat(n, *([1] * (x.dim() - 1))))
+        with torch.no_grad():
+            model(x.to(device).repeat(n, *([1] * (x.dim() - 1))))
     finally:
         for h in handles:
             h.remove()
@@ -211,6 +214,7 @@ def build_counter(
     params_q = torch.zeros(n, n, dtype=torch.float64)
     macs_q = torch.zeros(n, n, dtype=torch.float64)
     seen: set[nn.Module] = set()
+    grouped: set[int] = set()
     for module, flags, spatial_in, out_spatial in calls:
         where = names[module]
         first = module not in seen
@@ -229,6 +233,9 @@ def build_counter(
                 weight_q = torch.outer(_unit(n), c_out)
             else:
                 weight_q = torch.outer(c_in, c_out) / module.groups
+                if module.groups > 1:
+                    touched = ((c_in[1:] > 0) | (c_out[1:] > 0)).nonzero().flatten()
+                    grouped.update(touched.tolist())
             macs_q += k * positions * weight_q
             if bias:
                 macs_q[0] += positions * c_out
@@ -261,7 +268,9 @@ def build_counter(
     ones[0, 1:] = sizes
     params_q[0, 0] += dense_params - float((ones @ params_q @ ones.T).round())
     macs_q[0, 0] += dense_macs - float((ones @ macs_q @ ones.T).round())
-    counter = Counter(group_of, params_q, macs_q, int(dense_params), int(dense_macs))
+    counter = Counter(
+        group_of, params_q, macs_q, int(dense_params), int(dense_macs), tuple(sorted(grouped))
+    )
     if verify:
         _verify(counter, model, units, x)
     return counter
@@ -278,6 +287,7 @@ def _verify(counter: Counter, model: nn.Module, units: Units, x: torch.Tensor) -
 
     g = torch.Generator().manual_seed(0)
     state = torch.rand(units.num_units, generator=g) < 0.5
+    state[torch.isin(counter.group_of, torch.tensor(counter.grouped, dtype=torch.long))] = True
     want = count_params_macs(slim_model(model, units, state, x), x)
     got = tuple(int(v[0]) for v in counter.count(state[None]))
     if got != want:
