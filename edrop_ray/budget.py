@@ -26,7 +26,7 @@ from torch import nn
 
 from .units import Units
 
-__all__ = ["Counter", "build_counter", "repair_budget"]
+__all__ = ["Counter", "build_counter", "counter_for", "budget_report", "repair_budget"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _ACT = (nn.ReLU, nn.PReLU, nn.ELU, nn.LeakyReLU, nn.ReLU6, nn.GELU)
@@ -262,7 +262,7 @@ def build_counter(
         else:  # pooling counts its input
             macs_q[0] += spatial_in * c_in
 
-    dense_params, dense_macs = count_params_macs(model, x)
+    dense_params, dense_macs = count_params_macs(model, x.to(device))
     # whatever no counted module depends on (parameters of other modules, ops on fixed channels)
     ones = torch.ones(1, n, dtype=torch.float64)
     ones[0, 1:] = sizes
@@ -345,3 +345,21 @@ def repair_budget(
         lo = torch.where(active & ~ok, mid, lo)
     states[bad] = sub & (rank >= hi[:, None])
     return states
+
+
+def counter_for(cfg, model: nn.Module, units: Units, example_inputs: torch.Tensor):
+    """The counter a run with ``cfg`` needs (a :class:`Counter`), or None when it states no
+    budget in parameters or MACs and no MACs penalty."""
+    if cfg.target_params is None and cfg.target_macs is None and not cfg.macs_lambda:
+        return None
+    return build_counter(model, units, example_inputs)
+
+
+def budget_report(cfg, measured: dict) -> dict:
+    """The budgets asked for next to those reached on the slimmed model (report.json)."""
+    return {
+        "target_params": cfg.target_params,
+        "params_kept": measured["params_pruned"] / measured["params_dense"],
+        "target_macs": cfg.target_macs,
+        "macs_kept": measured["macs_pruned"] / measured["macs_dense"],
+    }

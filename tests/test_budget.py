@@ -119,3 +119,50 @@ def test_repair_meets_macs_and_params_budgets(target):
     assert bool((fixed <= states).all())  # repair only switches units off
     fitting = (counter.count(states)[0] <= max_params) & (counter.count(states)[1] <= max_macs)
     assert torch.equal(fixed[fitting], states[fitting])  # states that fit are left alone
+
+
+def test_search_keeps_every_state_within_budget_and_refuses_the_impossible():
+    from edrop_ray.errors import UserError
+    from edrop_ray.search import DEParams, Search
+
+    torch.manual_seed(0)
+    model = ConcatNet()
+    x = torch.randn(2, 1, 8, 8)
+    units = discover_units(model, x)
+    counter = build_counter(model, units, x, verify=False)
+    params = DEParams(population_size=6, target_params=0.4, target_macs=0.3, macs_lambda=0.5)
+    search = Search(params, units.num_units, counter=counter)
+    for _ in range(3):
+        candidates = search.propose()
+        p, m = counter.count(candidates)
+        assert bool((p <= 0.4 * counter.dense_params).all())
+        assert bool((m <= 0.3 * counter.dense_macs).all())
+        search.select(torch.zeros(len(candidates)))
+    # with equal losses the MACs penalty decides: the best member is the cheapest one
+    _p, m = counter.count(search.population.states)
+    assert int(counter.count(search.best[None])[1][0]) == int(m.min())
+    with pytest.raises(ValueError, match="counter"):
+        Search(DEParams(target_macs=0.5), units.num_units)
+    with pytest.raises(UserError, match="cannot be met"):
+        Search(DEParams(target_macs=1e-6), units.num_units, counter=counter)
+
+
+def test_run_with_target_macs_ends_within_budget(tmp_path):
+    import json
+    from pathlib import Path
+
+    from edrop_ray.cli import main
+    from edrop_ray.slim import load_pruned
+
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    out = tmp_path / "run"
+    argv = ["prune", "--config", tiny, "--out", str(out), "--quiet"]
+    assert main([*argv, "--set", "backend=local", "--set", "target_macs=0.25"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["target_macs"] == 0.25 and report["target_params"] is None
+    assert report["macs_pruned"] <= 0.25 * report["macs_dense"]
+    assert report["macs_kept"] == report["macs_pruned"] / report["macs_dense"]
+    # measured again on the saved, physically slimmed model
+    slim = load_pruned(out / "pruned_model.pt")
+    x = torch.zeros(1, 1, 16, 16)
+    assert count_params_macs(slim, x)[1] == report["macs_pruned"] <= 0.25 * report["macs_dense"]
