@@ -6,9 +6,9 @@ of the network then has ``a + sum_g n_g * k_g`` channels (a fixed channels, n_g 
 g: 1 for a conv input, H*W after a flatten), and each term Torch-Pruning's op counter adds (a conv's
 ``K * C_in * C_out / groups * H * W``, a BatchNorm's ``2 * C * H * W``, a ReLU's ``C * H * W``, ...)
 is a polynomial of degree <= 2 in those counts. :func:`build_counter` finds the channel -> group
-maps once per model (one batched forward pass with each group switched off in its own replica; a
-switched-off unit is exactly zero downstream until the next conv/linear), writes every term as a
-quadratic form in ``[1, k_1 .. k_G]``, and checks itself against one slimmed model. Counting S
+maps once per model (one forward pass of log2(G) replicas of one sample, each marking a set of
+groups with NaN where a state would zero them; the marks follow a channel until the next
+conv/linear), writes every term as a quadratic form in ``[1, k_1 .. k_G]``, and checks itself against one slimmed model. Counting S
 states is then two (S, G+1) x (G+1, G+1) products: no slimming and no forward pass per state.
 
 Grouped convolutions with ``1 < groups < in_channels`` are counted with their groups fixed, but
@@ -110,16 +110,16 @@ def _marked_channels(x: torch.Tensor, replicas: int, dim: int) -> torch.Tensor:
 
 
 def _per_group(flags: torch.Tensor, group_sizes: torch.Tensor, where: str) -> torch.Tensor:
-    """(G+1,) float64 ``[fixed channels, channels per unit of each group]`` from marks
-    (row 0 dense, row 1+g with group g marked)."""
-    moved = flags[1:] & ~flags[0]  # (G, C): the channels that carry group g
-    if bool((moved.sum(0) > 1).any()):
+    """(G+1,) float64 ``[fixed channels, channels per unit of each group]`` from marks:
+    flags (R, C), replica r marks the groups g whose code g+1 has bit r set."""
+    weights = 2 ** torch.arange(flags.shape[0])
+    code = (flags.long() * weights[:, None]).sum(0)  # (C,) 0 = fixed, g+1 = group g
+    if bool((code > len(group_sizes)).any()):
         raise ValueError(f"a channel of {where} depends on two coupled groups; cannot count it")
-    per = moved.sum(1).to(torch.float64)
-    if bool((per % group_sizes).any()):
+    per = torch.bincount(code, minlength=len(group_sizes) + 1).to(torch.float64)
+    if bool((per[1:] % group_sizes).any()):
         raise ValueError(f"the channels of {where} do not split evenly over their units")
-    fixed = flags.shape[1] - per.sum()
-    return torch.cat([fixed.view(1), per / group_sizes])
+    return torch.cat([per[:1], per[1:] / group_sizes])
 
 
 def _per_group_units(unit_of: torch.Tensor, groups_of: torch.Tensor, sizes: torch.Tensor):
@@ -150,25 +150,28 @@ def build_counter(
         [torch.full((g.size,), i, dtype=torch.long) for i, g in enumerate(units.groups)]
     )
     n = num_groups + 1
-    x = example_inputs.detach().cpu().float()
+    x = example_inputs.detach().cpu().float()[:1]
+    bits = max(1, int(num_groups).bit_length())  # replicas of the probing pass
     model_was_training = model.training
     device = next(model.parameters()).device
     model.eval()
-    # Replica 0 runs dense; in replica 1+g the channels of group g are NaN where the state would
-    # zero them. NaN flows channel-wise through activations, norms, pooling, additions,
-    # concatenations and flattening, so it marks exactly the channels the group owns in every
-    # tensor, even dead (all-zero) ones; each conv/linear records its input marks and clears them.
+    # Replica r sets to NaN, where a state would zero them, the channels of every group g whose
+    # code g+1 has bit r set: log2(G) replicas name the group of every channel. NaN flows
+    # channel-wise through activations, norms, pooling, additions, concatenations and
+    # flattening, so it marks exactly the channels a group owns in every tensor, even dead
+    # (all-zero) ones; each conv/linear records its input marks and clears them.
+    codes = {name: group_of[unit_of] + 1 for name, unit_of in units.mask_points.items()}
     marks = {
-        name: group_of[unit_of][None, :] == torch.arange(-1, num_groups)[:, None]
-        for name, unit_of in units.mask_points.items()
+        name: (code[None, :] >> torch.arange(bits)[:, None]) & 1 == 1
+        for name, code in codes.items()
     }
     calls: list[tuple[nn.Module, torch.Tensor, int, tuple[int, ...]]] = []
 
     def mark(name):
         def hook(_module, _inputs, out):
             m = marks[name].to(out.device)
-            shaped = out.view(n, -1, *out.shape[1:]).clone()
-            m = m.view(n, 1, m.shape[1], *([1] * (out.dim() - 2))).expand_as(shaped)
+            shaped = out.view(bits, -1, *out.shape[1:]).clone()
+            m = m.view(bits, 1, m.shape[1], *([1] * (out.dim() - 2))).expand_as(shaped)
             return shaped.masked_fill(m, float("nan")).view(out.shape)
 
         return hook
@@ -177,7 +180,7 @@ def build_counter(
         inp = inputs[0]
         dim = _channel_dim(module, inp)
         spatial = inp[:1].numel() // inp.shape[dim]  # per-sample elements per channel
-        calls.append((module, _marked_channels(inp, n, dim).cpu(), spatial, ()))
+        calls.append((module, _marked_channels(inp, bits, dim).cpu(), spatial, ()))
         if isinstance(module, _CONV + (nn.Linear,)):
             return (inp.nan_to_num(0.0), *inputs[1:])
         return None
@@ -199,7 +202,7 @@ def build_counter(
             handles.append(m.register_forward_hook(shape_out))
     try:
         with torch.no_grad():
-            model(x.to(device).repeat(n, *([1] * (x.dim() - 1))))
+            model(x.to(device).repeat(bits, *([1] * (x.dim() - 1))))
     finally:
         for h in handles:
             h.remove()

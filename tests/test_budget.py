@@ -152,6 +152,7 @@ def test_run_with_target_macs_ends_within_budget(tmp_path):
     from pathlib import Path
 
     from edrop_ray.cli import main
+    from edrop_ray.report import summary_rows
     from edrop_ray.slim import load_pruned
 
     tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
@@ -162,6 +163,9 @@ def test_run_with_target_macs_ends_within_budget(tmp_path):
     assert report["target_macs"] == 0.25 and report["target_params"] is None
     assert report["macs_pruned"] <= 0.25 * report["macs_dense"]
     assert report["macs_kept"] == report["macs_pruned"] / report["macs_dense"]
+    rows = {r[0]: r for r in summary_rows(report)}
+    assert rows["MACs kept (budget)"][2] == f"{100 * report['macs_kept']:.1f}% (<= 25.0%)"
+    assert "params kept (budget)" not in rows  # no params budget was asked for
     # measured again on the saved, physically slimmed model
     slim = load_pruned(out / "pruned_model.pt")
     x = torch.zeros(1, 1, 16, 16)
