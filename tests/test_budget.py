@@ -170,3 +170,14 @@ def test_run_with_target_macs_ends_within_budget(tmp_path):
     slim = load_pruned(out / "pruned_model.pt")
     x = torch.zeros(1, 1, 16, 16)
     assert count_params_macs(slim, x)[1] == report["macs_pruned"] <= 0.25 * report["macs_dense"]
+
+
+def test_edropout_api_takes_a_macs_budget():
+    from edrop_ray import EDropout
+
+    torch.manual_seed(0)
+    model = ConcatNet()
+    x = torch.randn(2, 1, 8, 8)
+    ed = EDropout(model, x, population_size=4, target_macs=0.5)
+    _p, macs = ed.search.counter.count(ed.propose())
+    assert bool((macs <= 0.5 * ed.search.counter.dense_macs).all())
