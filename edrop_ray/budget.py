@@ -9,7 +9,8 @@ is a polynomial of degree <= 2 in those counts. :func:`build_counter` finds the 
 maps once per model (one forward pass of log2(G) replicas of one sample, each marking a set of
 groups with NaN where a state would zero them; the marks follow a channel until the next
 conv/linear), writes every term as a quadratic form in ``[1, k_1 .. k_G]``, and checks itself
-against one slimmed model. Counting S states is then two (S, G+1) x (G+1, G+1) products: no slimming and no forward pass per state.
+against one slimmed model. Counting S states is then two (S, G+1) x (G+1, G+1) products: no
+slimming and no forward pass per state.
 
 Grouped convolutions with ``1 < groups < in_channels`` are counted with their groups fixed, but
 :func:`~edrop_ray.slim.slim_model` cannot slim them yet (Torch-Pruning's DependencyGraph does not
