@@ -181,3 +181,26 @@ def test_edropout_api_takes_a_macs_budget():
     ed = EDropout(model, x, population_size=4, target_macs=0.5)
     _p, macs = ed.search.counter.count(ed.propose())
     assert bool((macs <= 0.5 * ed.search.counter.dense_macs).all())
+
+
+def test_counter_pickles_to_the_ray_coordinator():
+    """The Ray coordinator builds its Search from the counter the driver sent it (pickled)."""
+    import pickle
+
+    from edrop_ray.config import Config
+    from edrop_ray.distributed.actors import Coordinator
+
+    torch.manual_seed(0)
+    model = ConcatNet()
+    x = torch.randn(2, 1, 8, 8)
+    units = discover_units(model, x)
+    counter = build_counter(model, units, x, verify=False)
+    sent = pickle.loads(pickle.dumps(counter))
+    states = random_states(units, 8, seed=4)
+    (p1, m1), (p2, m2) = sent.count(states), counter.count(states)
+    assert torch.equal(p1, p2) and torch.equal(m1, m2)
+    cfg = Config(target_macs=0.3, population_size=4)
+    coordinator = Coordinator(cfg, units.num_units, [], None, counter=sent)
+    assert coordinator.search.max_macs == int(0.3 * counter.dense_macs)
+    _p, macs = sent.count(coordinator.search.population.states)
+    assert bool((macs <= 0.3 * counter.dense_macs).all())
