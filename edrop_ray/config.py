@@ -70,6 +70,10 @@ class Config:
     kappa: float = 10.0
     sparsity_lambda: float = 0.0
     target_prune_rate: float | None = None  # hard budget on the kept-unit fraction
+    # budgets as fractions of the dense model to keep, exact on the slimmed model (budget.py)
+    target_params: float | None = None  # hard: every state keeps <= this fraction of params
+    target_macs: float | None = None  # hard: every state keeps <= this fraction of MACs
+    macs_lambda: float = 0.0  # energy penalty macs_lambda * macs(state) / macs(dense)
     energy_batch_size: int = 32
     states_per_pass: int = 0  # candidates per forward pass; 0 = auto (GPU: all 2S at once)
     evolve_every: int = 3  # training steps between generations
@@ -265,6 +269,10 @@ def validate(cfg: Config, *, names: bool = True) -> Config:
         t is None or (0.0 <= t < 1.0),
         f"target_prune_rate must be in [0, 1) or null, got {t}",
     )
+    for key in ("target_params", "target_macs"):
+        v = getattr(cfg, key)
+        need(v is None or 0.0 < v <= 1.0, f"{key} must be in (0, 1] or null, got {v}")
+    need(cfg.macs_lambda >= 0, f"macs_lambda must be >= 0, got {cfg.macs_lambda}")
     for key in ("epochs", "batch_size", "eval_batch_size", "energy_batch_size", "evolve_every",
                 "patience", "input_size", "weights_every"):  # fmt: skip
         need(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")

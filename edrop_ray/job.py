@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from . import __version__, store
+from .budget import budget_report, counter_for
 from .config import Config, config_from_dict, config_to_dict, dense_key, validate
 from .data import load_for
 from .errors import RunInterrupted, UserError
@@ -92,11 +93,12 @@ def dense_baseline(cfg: Config, data, device: torch.device) -> dict[str, Any]:
 
 def _start_backend(cfg: Config, local: Learner):
     """(learner, search, runtime) for the chosen backend; runtime is None in process."""
+    counter = counter_for(cfg, local.model, local.units, local.example)
     if cfg.backend == "local":
-        return local, Search(cfg, local.units.num_units), None
+        return local, Search(cfg, local.units.num_units, counter=counter), None
     from .distributed.runner import RayRuntime  # Ray is imported only when asked for
 
-    runtime = RayRuntime(cfg, local.info, local.units.num_units)
+    runtime = RayRuntime(cfg, local.info, local.units.num_units, counter=counter)
     return runtime.learner, runtime.search, runtime
 
 
@@ -322,6 +324,7 @@ def _finish(cfg, run_dir, learner, search, test_set, dense, history, snapshots) 
         "pruned_top5": m["top5"],
         **{k: m[k] for k in ("params_dense", "params_pruned", "prune_rate", "macs_dense")},
         **{k: m[k] for k in ("macs_pruned", "kept_units", "num_units")},
+        **budget_report(cfg, m),
         "kept_per_layer": kept_per_layer(learner.units, final),
         "generations": search.generation,
         "converged_at": search.converged_at,
