@@ -104,7 +104,10 @@ def print_summary(report: dict[str, Any]) -> None:
 
 
 def write_plots(run_dir: Path, history: list[dict[str, Any]]) -> list[Path]:
-    """energy.png, diversity.png and kept_fraction.png over generations, in ``run_dir/plots``."""
+    """energy.png, diversity.png and kept_fraction.png over generations, in ``run_dir/plots``;
+    with the dynamics columns (runs from this version on) also best_changed_bits.png (bits of the
+    best state that changed), energy_gap.png (median member minus best, same weights and batch)
+    and train_loss.png."""
     out = run_dir / "plots"
     out.mkdir(exist_ok=True)
     gens = [r["generation"] for r in history]
@@ -112,9 +115,14 @@ def write_plots(run_dir: Path, history: list[dict[str, Any]]) -> list[Path]:
         "energy": [("best", "best_energy"), ("mean", "mean_energy")],
         "diversity": [("diversity", "diversity")],
         "kept_fraction": [("best state", "kept_fraction")],
+        "best_changed_bits": [("bits of the best state changed", "best_changed_bits")],
+        "energy_gap": [("median - best energy", "energy_gap")],
+        "train_loss": [("training loss", "train_loss")],
     }
     paths = []
     for name, series in panels.items():
+        if history and any(key not in history[0] for _, key in series):
+            continue  # a run written before the column existed
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for label, key in series:
             ax.plot(gens, [r[key] for r in history], label=label)

@@ -68,7 +68,8 @@ class Search:
     def select(self, energies: torch.Tensor) -> dict[str, Any]:
         """Take the (2S,) energies of :meth:`propose`'s candidates; selection and convergence.
 
-        Returns this generation's record: best/mean energy, diversity, kept fraction, frozen.
+        Returns this generation's record: best/mean/median energy, the gap median - best, diversity,
+        kept fraction, bits of the best state that changed, frozen.
         """
         if self._trials is None:
             raise RuntimeError("select() called without propose()")
@@ -80,8 +81,10 @@ class Search:
                 f"an energy became {float(energies[~torch.isfinite(energies)][0])} at generation "
                 f"{self.generation}: the weights diverged; lower the learning rate (--set lr=...)"
             )
+        previous_best = self.population.best
         self.population = pop.tell(self.population, self._trials, energies[:size], energies[size:])
         self._trials = None
+        median = float(self.population.energies.median())
         div = pop.diversity(self.population.states)
         cfg = self.cfg
         if div < cfg.diversity_threshold or self.population.unchanged >= cfg.patience:
@@ -96,6 +99,11 @@ class Search:
             "diversity": div,
             "kept_fraction": float(self.best.float().mean()),
             "frozen": self.frozen,
+            # dynamics: how far the best state moved, and how much better than the typical
+            # member it is under the same weights and batch (members are re-judged each generation)
+            "best_changed_bits": int((self.best != previous_best).sum()),
+            "median_energy": median,
+            "energy_gap": median - self.population.best_energy,
         }
 
     def run_generation(self, learner) -> dict[str, Any]:
