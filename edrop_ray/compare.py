@@ -77,7 +77,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -664,7 +664,7 @@ def compare_seeds(
         if reuse and done.is_file():
             result = json.loads(done.read_text())
             same = (
-                result.get("config") == config_to_dict(seed_cfg)
+                _same_config(result.get("config") or {}, seed_cfg)
                 and result.get("budget") == budget
                 and [r["method"] for r in result["rows"]] == list(arms)
             )
@@ -685,6 +685,12 @@ def compare_seeds(
     if not quiet:
         print(seeds_markdown(summary))
     return summary
+
+
+def _same_config(stored: dict[str, Any], cfg: Config) -> bool:
+    """Whether a stored config is ``cfg``; keys added since it was written count as defaults."""
+    defaults = {f.name: f.default for f in fields(Config)}
+    return all(stored.get(k, defaults[k]) == v for k, v in config_to_dict(cfg).items())
 
 
 def _sd(values: Sequence[float]) -> float:

@@ -54,6 +54,8 @@ class Config:
     sparsity_lambda: float = 0.0
     target_prune_rate: float | None = None  # hard budget on the kept-unit fraction
     energy_batch_size: int = 32
+    energy_bn: str = "running"  # running (the paper: BN in inference mode) | batch (each
+    # candidate's replica normalised on its own batch statistics; backend local only)
     states_per_pass: int = 0  # candidates per forward pass; 0 = auto (GPU: all 2S at once)
     evolve_every: int = 3  # training steps between generations
     diversity_threshold: float = 0.02
@@ -80,6 +82,7 @@ _CHOICES = {
     "device": None,  # validated by pattern below
     "amp": ("none", "bf16"),
     "mutation": ("logical", "sigmoid"),
+    "energy_bn": ("running", "batch"),
     "backend": ("local", "ray"),
     "placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
@@ -196,6 +199,10 @@ def validate(cfg: Config) -> Config:
         if choices:
             v = getattr(cfg, key)
             need(v in choices, f"{key} must be one of {', '.join(choices)}, got {v!r}")
+    need(
+        cfg.energy_bn == "running" or cfg.backend == "local",
+        "energy_bn=batch is implemented in process only; add --set backend=local",
+    )
     need(
         cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
         f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}",

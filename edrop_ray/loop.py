@@ -134,6 +134,7 @@ class Learner:
             states_per_pass=cfg.states_per_pass,
             sparsity_lambda=cfg.sparsity_lambda,
             amp=cfg.amp,
+            bn=cfg.energy_bn,
         )
 
     def train(self, state: torch.Tensor | None) -> float:
