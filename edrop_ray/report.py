@@ -29,6 +29,7 @@ __all__ = [
     "sweep_rows",
     "trials_markdown",
     "write_pareto_plot",
+    "write_dynamics_plot",
 ]
 
 
@@ -290,3 +291,31 @@ def write_pareto_plot(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     return _save_figure(fig, Path(path))
+
+
+_DYNAMICS = (
+    ("best_changed_bits", "bits of the best state changed"),
+    ("energy_gap", "median - best energy"),
+    ("best_energy", "best energy"),
+    ("train_loss", "training loss"),
+    ("diversity", "diversity"),
+    ("kept_fraction", "kept fraction (best)"),
+)
+
+
+def write_dynamics_plot(path: Path, histories: dict[str, list[dict[str, Any]]]) -> Path:
+    """One panel per search dynamic of :func:`write_plots` over the training step, one line per
+    run (e.g. per seed): ``histories`` maps a label to a run's history rows."""
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6), sharex=True)
+    for ax, (key, title) in zip(axes.flat, _DYNAMICS, strict=True):
+        for label, rows in histories.items():
+            rows = [r for r in rows if key in r]
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=label, lw=1)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes.flat[-1].legend(fontsize=8)  # the last panel carries the legend
+    for ax in axes[-1]:
+        ax.set_xlabel("training step")
+    axes.flat[1].set_yscale("symlog")  # energy gaps span orders of magnitude
+    axes.flat[2].set_yscale("log")
+    return _save_figure(fig, path)
