@@ -54,6 +54,8 @@ class Config:
     sparsity_lambda: float = 0.0
     target_prune_rate: float | None = None  # hard budget on the kept-unit fraction
     energy_batch_size: int = 32
+    train_state: str = "best"  # best (the paper) | sampled: until the freeze, each step trains
+    # a member drawn by energy, softmax(-standardised energy); backend local only, not resumable
     energy_bn: str = "running"  # running (the paper: BN in inference mode) | batch (each
     # candidate's replica normalised on its own batch statistics; backend local only)
     states_per_pass: int = 0  # candidates per forward pass; 0 = auto (GPU: all 2S at once)
@@ -83,6 +85,7 @@ _CHOICES = {
     "amp": ("none", "bf16"),
     "mutation": ("logical", "sigmoid"),
     "energy_bn": ("running", "batch"),
+    "train_state": ("best", "sampled"),
     "backend": ("local", "ray"),
     "placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
@@ -199,6 +202,10 @@ def validate(cfg: Config) -> Config:
         if choices:
             v = getattr(cfg, key)
             need(v in choices, f"{key} must be one of {', '.join(choices)}, got {v!r}")
+    need(
+        cfg.train_state == "best" or cfg.backend == "local",
+        "train_state=sampled is implemented in process only; add --set backend=local",
+    )
     need(
         cfg.energy_bn == "running" or cfg.backend == "local",
         "energy_bn=batch is implemented in process only; add --set backend=local",

@@ -106,6 +106,17 @@ class Search:
             "energy_gap": median - self.population.best_energy,
         }
 
+    def sample_member(self, generator: torch.Generator) -> torch.Tensor:
+        """(D,) bool: a member drawn with probability ``softmax(-z)``, z its standardised energy
+        (``train_state: sampled``: training samples sub-networks, as dropout does, until the
+        freeze). Before the first generation, and once frozen, it is the best state."""
+        energies = self.population.energies
+        if self.frozen or not bool(torch.isfinite(energies).all()):
+            return self.best
+        z = (energies - energies.mean()) / energies.std().clamp_min(1e-8)
+        i = int(torch.multinomial(torch.softmax(-z, dim=0), 1, generator=generator))
+        return self.population.states[i]
+
     def run_generation(self, learner) -> dict[str, Any]:
         """One whole generation judged by ``learner`` (anything with ``energy_batch()`` and
         ``energies(states, x, y)``, e.g. :class:`edrop_ray.loop.Learner`)."""
