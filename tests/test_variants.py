@@ -1,4 +1,5 @@
-"""``energy_bn: batch``: each candidate's replica is normalised on its own batch statistics."""
+"""The variants measured in results/: ``energy_bn: batch`` (each candidate's replica normalised on
+its own batch statistics) and ``train_state: sampled`` (training samples population members)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from edrop_ray.energy import compute_energies, compute_energies_looped
 from edrop_ray.errors import UserError
 from edrop_ray.masking import Masker
 from edrop_ray.models import build_model, example_input
+from edrop_ray.search import Search
 from edrop_ray.units import discover_units
 
 
@@ -64,3 +66,23 @@ def test_batch_statistics_need_the_local_backend():
     with pytest.raises(UserError, match="backend=local"):
         load_config(None, ["energy_bn=batch", "backend=ray"])
     assert load_config(None, ["energy_bn=batch", "backend=local"]).energy_bn == "batch"
+
+
+def test_sampled_training_state_follows_the_energies_and_stops_at_the_freeze():
+    cfg = load_config(None, ["population_size=4", "backend=local", "train_state=sampled"])
+    search = Search(cfg, num_units=64)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(search.sample_member(g), search.best)  # nothing judged yet: the best
+    candidates = search.propose()
+    # member/trial 0 far better than the rest: it wins selection and is drawn most often
+    search.select(torch.tensor([0.0, 5.0, 5.0, 5.0, 6.0, 6.0, 6.0, 6.0]))
+    members = search.population.states
+    draws = [search.sample_member(g) for _ in range(400)]
+    index = [next(i for i in range(4) if torch.equal(d, members[i])) for d in draws]
+    counts = torch.bincount(torch.tensor(index), minlength=4)
+    assert counts[0] > 200 and counts[1:].sum() > 20  # energy-weighted, yet not only the best
+    assert torch.equal(members[0], candidates[0])
+    search.frozen = True
+    assert all(torch.equal(search.sample_member(g), search.best) for _ in range(20))
+    with pytest.raises(UserError, match="backend=local"):
+        load_config(None, ["train_state=sampled", "backend=ray"])
