@@ -61,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="YAML config (default: the embedded digits run)")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     c.add_argument("--out", help="folder for compare.json / compare.md / plot")
+    c.add_argument(
+        "--budget",
+        choices=("equal-steps", "equal-finetune"),
+        default="equal-steps",
+        help="equal-steps: every arm trains the same total steps (default); equal-finetune: the "
+        "pruning baselines fine-tune after the whole dense budget",
+    )
+    c.add_argument("--seeds", help="e.g. 0,1,2: every arm per seed, then mean ± std")
+    c.add_argument("--arms", help="comma-separated subset of the arms (dense and edropout always)")
+    c.add_argument(
+        "--reuse", action="store_true", help="with --seeds: keep seeds already finished in --out"
+    )
     c.add_argument("--overwrite", action="store_true", help="replace a comparison already in --out")
     c.add_argument(
         "--backend", choices=("local", "ray"), help="where energies are computed (config: backend)"

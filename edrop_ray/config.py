@@ -75,6 +75,10 @@ class Config:
     target_macs: float | None = None  # hard: every state keeps <= this fraction of MACs
     macs_lambda: float = 0.0  # energy penalty macs_lambda * macs(state) / macs(dense)
     energy_batch_size: int = 32
+    train_state: str = "best"  # best (the paper) | sampled: until the freeze, each step trains
+    # a member drawn by energy, softmax(-standardised energy); backend local only, not resumable
+    energy_bn: str = "running"  # running (the paper: BN in inference mode) | batch (each
+    # candidate's replica normalised on its own batch statistics; backend local only)
     states_per_pass: int = 0  # candidates per forward pass; 0 = auto (GPU: all 2S at once)
     evolve_every: int = 3  # training steps between generations
     diversity_threshold: float = 0.02
@@ -114,6 +118,8 @@ _CHOICES = {
     "device": None,  # validated by pattern below
     "amp": ("none", "bf16"),
     "mutation": None,  # the registry of edrop_ray.population, see _mutations
+    "energy_bn": ("running", "batch"),
+    "train_state": ("best", "sampled"),
     "backend": ("local", "ray"),
     "placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "weights_transport": ("auto", "collective", "object_store"),
@@ -300,6 +306,14 @@ def validate(cfg: Config, *, names: bool = True) -> Config:
         if choices:
             v = getattr(cfg, key)
             need(v in choices, f"{key} must be one of {', '.join(choices)}, got {v!r}")
+    need(
+        cfg.train_state == "best" or cfg.backend == "local",
+        "train_state=sampled is implemented in process only; add --set backend=local",
+    )
+    need(
+        cfg.energy_bn == "running" or cfg.backend == "local",
+        "energy_bn=batch is implemented in process only; add --set backend=local",
+    )
     need(
         cfg.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", cfg.device),
         f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}",

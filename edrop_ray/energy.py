@@ -6,9 +6,17 @@ every candidate of a generation is judged on the same batch with the same weight
 ``sparsity_lambda * kept_fraction(state)`` is added to steer the pruning rate, and
 ``macs_lambda * macs(state) / macs(dense)`` (:func:`macs_penalty`, added by the search, which holds
 the exact count of :mod:`edrop_ray.budget`) to steer the compute.
+
+``bn="batch"`` (config ``energy_bn: batch``) is the variant measured in results/: every
+BatchNorm normalises each candidate's replica of the batch with that replica's own batch
+statistics (the running statistics are neither used nor updated), because early in training the
+running statistics lag the weights and the energies they give blow up.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +24,9 @@ from torch import nn
 
 from .masking import Masker
 
-__all__ = ["compute_energies", "compute_energies_looped", "macs_penalty"]
+__all__ = ["compute_energies", "compute_energies_looped", "macs_penalty", "ENERGY_BN"]
+
+ENERGY_BN = ("running", "batch")
 
 
 def macs_penalty(states: torch.Tensor, counter, macs_lambda: float) -> torch.Tensor:
@@ -41,6 +51,34 @@ def _auto_per_pass(x: torch.Tensor, n_states: int) -> int:
     return n_states
 
 
+@contextlib.contextmanager
+def _replica_batch_norm(model: nn.Module, replicas: list[int]) -> Iterator[None]:
+    """While active, every BatchNorm of ``model`` normalises each of ``replicas[0]`` equal slices
+    of its input on the slice's own statistics (per channel), then applies its affine map."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def forward_of(bn: nn.modules.batchnorm._BatchNorm):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            k = replicas[0]
+            xs = x.reshape(k, x.shape[0] // k, x.shape[1], -1)  # (replica, sample, channel, rest)
+            var, mean = torch.var_mean(xs, dim=(1, 3), keepdim=True, correction=0)
+            y = ((xs - mean) * torch.rsqrt(var + bn.eps)).reshape(x.shape)
+            if bn.affine:
+                view = (1, -1) + (1,) * (x.dim() - 2)
+                y = y * bn.weight.view(view) + bn.bias.view(view)
+            return y
+
+        return forward
+
+    for bn in norms:
+        bn.forward = forward_of(bn)  # an instance attribute: the module's hooks still run
+    try:
+        yield
+    finally:
+        for bn in norms:
+            del bn.forward
+
+
 @torch.no_grad()
 def compute_energies(
     model: nn.Module,
@@ -52,12 +90,14 @@ def compute_energies(
     states_per_pass: int = 0,
     sparsity_lambda: float = 0.0,
     amp: str = "none",
+    bn: str = "running",
 ) -> torch.Tensor:
     """Energy of every state on the batch (x, y).
 
     states: (N, D) bool. x: (B, C, H, W) on the model's device; y: (B,) long.
     states_per_pass: how many states share one forward pass (their replicas of the batch are
     stacked); 0 = auto: all N at once on a GPU, about 256 samples per pass on a CPU.
+    bn: ``running`` (BatchNorm's running statistics) or ``batch`` (each replica on its own).
     Returns (N,) float32 on the CPU.
     """
     was_training = model.training
@@ -70,15 +110,19 @@ def compute_energies(
     xs_all = x.repeat(min(per_pass, n_states), *([1] * (x.dim() - 1)))
     ys_all = y.repeat(min(per_pass, n_states))
     parts: list[torch.Tensor] = []
+    replicas = [1]  # states in the current pass, read by the per-replica BatchNorm
+    own_stats = _replica_batch_norm(model, replicas) if bn == "batch" else contextlib.nullcontext()
     try:
-        for start in range(0, n_states, per_pass):
-            chunk = states[start : start + per_pass]  # the masker moves it to the activations
-            k = chunk.shape[0]
-            masker.set_states(chunk)
-            with _autocast(x.device, amp):
-                logits = model(xs_all[: k * batch])  # replica s is judged with state s
-            loss = F.cross_entropy(logits.float(), ys_all[: k * batch], reduction="none")
-            parts.append(loss.view(k, batch).mean(dim=1))
+        with own_stats:
+            for start in range(0, n_states, per_pass):
+                chunk = states[start : start + per_pass]  # the masker moves it to the activations
+                k = chunk.shape[0]
+                replicas[0] = k
+                masker.set_states(chunk)
+                with _autocast(x.device, amp):
+                    logits = model(xs_all[: k * batch])  # replica s is judged with state s
+                loss = F.cross_entropy(logits.float(), ys_all[: k * batch], reduction="none")
+                parts.append(loss.view(k, batch).mean(dim=1))
     finally:
         masker.set_states(None)
         model.train(was_training)
@@ -97,8 +141,17 @@ def compute_energies_looped(
     *,
     sparsity_lambda: float = 0.0,
     amp: str = "none",
+    bn: str = "running",
 ) -> torch.Tensor:
     """One forward pass per state: the baseline the batched version is measured against."""
     return compute_energies(
-        model, masker, states, x, y, states_per_pass=1, sparsity_lambda=sparsity_lambda, amp=amp
+        model,
+        masker,
+        states,
+        x,
+        y,
+        states_per_pass=1,
+        sparsity_lambda=sparsity_lambda,
+        amp=amp,
+        bn=bn,
     )

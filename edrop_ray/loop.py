@@ -147,6 +147,7 @@ class Learner:
             states_per_pass=cfg.states_per_pass,
             sparsity_lambda=cfg.sparsity_lambda,
             amp=cfg.amp,
+            bn=cfg.energy_bn,
         )
 
     def train(self, state: torch.Tensor | None) -> float:
@@ -276,13 +277,15 @@ def run_edropout(
     """
     cfg = learner.cfg
     ckpt_steps = cfg.checkpoint_every * cfg.evolve_every
+    sampler = torch.Generator().manual_seed(cfg.seed + 2)  # train_state: sampled only
     while learner.step < learner.total_steps:
         record = None
         if not search.frozen and learner.step % cfg.evolve_every == 0:
             t0 = time.perf_counter()
             record = search.run_generation(learner)
             record["energy_seconds"] = time.perf_counter() - t0
-        loss = learner.train(search.best)
+        sampled = cfg.train_state == "sampled" and not search.frozen
+        loss = learner.train(search.sample_member(sampler) if sampled else search.best)
         if record is not None:
             record["step"] = learner.step
             record["train_loss"] = loss

@@ -29,6 +29,7 @@ __all__ = [
     "sweep_rows",
     "trials_markdown",
     "write_pareto_plot",
+    "write_dynamics_plot",
 ]
 
 
@@ -113,7 +114,10 @@ def print_summary(report: dict[str, Any]) -> None:
 
 
 def write_plots(run_dir: Path, history: list[dict[str, Any]]) -> list[Path]:
-    """energy.png, diversity.png and kept_fraction.png over generations, in ``run_dir/plots``."""
+    """energy.png, diversity.png and kept_fraction.png over generations, in ``run_dir/plots``;
+    with the dynamics columns (runs from this version on) also best_changed_bits.png (bits of the
+    best state that changed), energy_gap.png (median member minus best, same weights and batch)
+    and train_loss.png."""
     out = run_dir / "plots"
     out.mkdir(exist_ok=True)
     gens = [r["generation"] for r in history]
@@ -121,9 +125,14 @@ def write_plots(run_dir: Path, history: list[dict[str, Any]]) -> list[Path]:
         "energy": [("best", "best_energy"), ("mean", "mean_energy")],
         "diversity": [("diversity", "diversity")],
         "kept_fraction": [("best state", "kept_fraction")],
+        "best_changed_bits": [("bits of the best state changed", "best_changed_bits")],
+        "energy_gap": [("median - best energy", "energy_gap")],
+        "train_loss": [("training loss", "train_loss")],
     }
     paths = []
     for name, series in panels.items():
+        if history and any(key not in history[0] for _, key in series):
+            continue  # a run written before the column existed
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for label, key in series:
             ax.plot(gens, [r[key] for r in history], label=label)
@@ -291,3 +300,31 @@ def write_pareto_plot(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     return _save_figure(fig, Path(path))
+
+
+_DYNAMICS = (
+    ("best_changed_bits", "bits of the best state changed"),
+    ("energy_gap", "median - best energy"),
+    ("best_energy", "best energy"),
+    ("train_loss", "training loss"),
+    ("diversity", "diversity"),
+    ("kept_fraction", "kept fraction (best)"),
+)
+
+
+def write_dynamics_plot(path: Path, histories: dict[str, list[dict[str, Any]]]) -> Path:
+    """One panel per search dynamic of :func:`write_plots` over the training step, one line per
+    run (e.g. per seed): ``histories`` maps a label to a run's history rows."""
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6), sharex=True)
+    for ax, (key, title) in zip(axes.flat, _DYNAMICS, strict=True):
+        for label, rows in histories.items():
+            rows = [r for r in rows if key in r]
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=label, lw=1)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes.flat[-1].legend(fontsize=8)  # the last panel carries the legend
+    for ax in axes[-1]:
+        ax.set_xlabel("training step")
+    axes.flat[1].set_yscale("symlog")  # energy gaps span orders of magnitude
+    axes.flat[2].set_yscale("log")
+    return _save_figure(fig, path)

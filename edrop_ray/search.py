@@ -111,7 +111,8 @@ class Search:
     def select(self, energies: torch.Tensor) -> dict[str, Any]:
         """Take the (2S,) energies of :meth:`propose`'s candidates; selection and convergence.
 
-        Returns this generation's record: best/mean energy, diversity, kept fraction, frozen.
+        Returns this generation's record: best/mean/median energy, the gap median - best, diversity,
+        kept fraction, bits of the best state that changed, frozen.
         """
         if self._trials is None:
             raise RuntimeError("select() called without propose()")
@@ -124,11 +125,13 @@ class Search:
                 f"an energy became {float(energies[~torch.isfinite(energies)][0])} at generation "
                 f"{self.generation}: the weights diverged; lower the learning rate (--set lr=...)"
             )
+        previous_best = self.population.best
         if cfg.macs_lambda:
             candidates = torch.cat([self.population.states, self._trials])
             energies = energies + macs_penalty(candidates, self.counter, cfg.macs_lambda)
         self.population = pop.tell(self.population, self._trials, energies[:size], energies[size:])
         self._trials = None
+        median = float(self.population.energies.median())
         div = pop.diversity(self.population.states)
         cfg = self.params
         if div < cfg.diversity_threshold or self.population.unchanged >= cfg.patience:
@@ -143,6 +146,11 @@ class Search:
             "diversity": div,
             "kept_fraction": float(self.best.float().mean()),
             "frozen": self.frozen,
+            # dynamics: how far the best state moved, and how much better than the typical
+            # member it is under the same weights and batch (members are re-judged each generation)
+            "best_changed_bits": int((self.best != previous_best).sum()),
+            "median_energy": median,
+            "energy_gap": median - self.population.best_energy,
         }
 
     def _repair_budget(self, states: torch.Tensor) -> torch.Tensor:
@@ -155,6 +163,17 @@ class Search:
             max_macs=self.max_macs,
             generator=self.generator,
         )
+
+    def sample_member(self, generator: torch.Generator) -> torch.Tensor:
+        """(D,) bool: a member drawn with probability ``softmax(-z)``, z its standardised energy
+        (``train_state: sampled``: training samples sub-networks, as dropout does, until the
+        freeze). Before the first generation, and once frozen, it is the best state."""
+        energies = self.population.energies
+        if self.frozen or not bool(torch.isfinite(energies).all()):
+            return self.best
+        z = (energies - energies.mean()) / energies.std().clamp_min(1e-8)
+        i = int(torch.multinomial(torch.softmax(-z, dim=0), 1, generator=generator))
+        return self.population.states[i]
 
     def run_generation(self, learner) -> dict[str, Any]:
         """One whole generation judged by ``learner`` (anything with ``energy_batch()`` and

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from edrop_ray.cli import main
 from edrop_ray.compare import (
@@ -17,6 +18,8 @@ from edrop_ray.compare import (
     fit_param_count,
     group_l1_scores,
     prune_order,
+    seeds_markdown,
+    summarize_seeds,
 )
 from edrop_ray.slim import slim_model
 from edrop_ray.units import discover_units
@@ -25,24 +28,46 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
 # One torch thread: on a shared 2-core box two threads spin against other work and run ~10x
 # slower. Three generations then a freeze leave EDropout 18 of its 22 steps with its final mask.
-FAST = ["--set", "backend=local", "--set", "cpu_threads=1", "--set", "max_generations=3"]
+# S = 6 so that the edropout-s4 arm is a different search from the edropout arm.
+FAST = ["--set", "backend=local", "--set", "cpu_threads=1", "--set", "max_generations=3",
+        "--set", "population_size=6"]  # fmt: skip
 OUTPUTS = ("compare.json", "compare.md", "accuracy_vs_params.png")
 PARAM_TOLERANCE = 0.01  # |params / EDropout's - 1| of the baselines (one unit is ~0.05 % here)
+
+
+def _run_counting(argv: list[str]) -> list[int]:
+    """Run ``edrop-ray`` with ``argv``; the optimiser steps each optimiser really took, in the
+    order the optimisers first stepped (counted here, by a hook of the test's own)."""
+    counts: list[int] = []
+
+    def hook(optimizer, _args, _kwargs) -> None:
+        tag = getattr(optimizer, "_test_tag", None)
+        if tag is None:
+            tag = optimizer._test_tag = len(counts)
+            counts.append(0)
+        counts[tag] += 1
+
+    handle = register_optimizer_step_post_hook(hook)
+    try:
+        assert main(argv) == 0
+    finally:
+        handle.remove()
+    return counts
 
 
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare") / "cmp"
-    assert main(["compare", "--config", TINY, *FAST, "--out", str(out), "--quiet"]) == 0
-    return out, json.loads((out / "compare.json").read_text())
+    counts = _run_counting(["compare", "--config", TINY, *FAST, "--out", str(out), "--quiet"])
+    return out, json.loads((out / "compare.json").read_text()), counts
 
 
 def _row(result, method):
     return next(r for r in result["rows"] if r["method"] == method)
 
 
-def test_writes_json_markdown_and_plot_with_four_rows(comparison):
-    out, result = comparison
+def test_writes_json_markdown_and_plot_with_a_row_per_arm(comparison):
+    out, result, _ = comparison
     for name in OUTPUTS:
         assert (out / name).is_file(), name
     assert [r["method"] for r in result["rows"]] == list(METHODS)
@@ -62,11 +87,11 @@ def test_writes_json_markdown_and_plot_with_four_rows(comparison):
 
 
 def test_baselines_are_pruned_to_edropouts_parameter_count(comparison):
-    _, result = comparison
+    _, result, _ = comparison
     target = result["target_params"]
     dense = result["params_dense"]
     assert target < dense  # EDropout did prune, so the baselines had something to match
-    for method in ("magnitude", "random"):
+    for method in ("magnitude", "random", "random-mask"):
         r = _row(result, method)
         assert abs(r["params"] / target - 1) <= PARAM_TOLERANCE, (method, r["params"], target)
         assert r["params_vs_edropout"] == pytest.approx(r["params"] / target - 1)
@@ -76,24 +101,95 @@ def test_baselines_are_pruned_to_edropouts_parameter_count(comparison):
     assert _row(result, "dense")["prune_rate"] == 0.0
 
 
-def test_finetuning_budgets_are_equal(comparison):
-    out, result = comparison
+def test_every_arm_trains_the_steps_it_reports_and_all_train_equally(comparison):
+    out, result, counts = comparison
     history = pq.read_table(out / "edropout" / "history.parquet").to_pylist()
-    report = json.loads((out / "edropout" / "report.json").read_text())
     assert len(history) == 3 and history[-1]["frozen"]  # max_generations=3 froze it
-    steps = report["steps"] - (history[-1]["step"] - 1)  # steps trained with the final mask
-    assert steps > 0
-    assert result["finetune_steps"] == steps
-    assert result["finetune_start_step"] + steps == result["total_steps"] == report["steps"]
-    for method in ("edropout", "magnitude", "random"):
-        assert _row(result, method)["finetune_steps"] == steps, method
-    for method in ("magnitude", "random"):  # the dense budget, then the same fine-tuning
-        assert _row(result, method)["train_steps"] == result["total_steps"] + steps
-    assert _row(result, "dense")["train_steps"] == result["total_steps"]
+    # optimisers in the order compare steps them: dense, EDropout, the dense model the pruning
+    # baselines start from, magnitude's and random's fine-tuning, random-mask, S = 4, first gen
+    assert len(counts) == 8, counts
+    dense, edrop, pre, magnitude, random, random_mask, s4, first_gen = counts
+    assert dense == result["total_steps"] == 22  # 1 epoch of the tiny digits split
+    assert [edrop, random_mask, s4, first_gen] == [dense] * 4
+    assert pre + magnitude == pre + random == dense  # equal-steps: T - f dense, then f
+    # the baselines fine-tune exactly the steps EDropout trained after its last generation
+    assert magnitude == random == dense - (history[-1]["step"] - 1) > 0
+    reported = {r["method"]: r["train_steps"] for r in result["rows"]}
+    assert reported == {
+        "dense": dense, "edropout": edrop, "magnitude": pre + magnitude, "random": pre + random,
+        "random-mask": random_mask, "edropout-s4": s4, "frozen-first-gen": first_gen,
+    }  # fmt: skip
+    assert all(r["steps_counted"] for r in result["rows"])
+    assert _row(result, "magnitude")["finetune_steps"] == magnitude
+    assert result["budget"] == "equal-steps"
+    assert "equal-steps" in (out / "compare.md").read_text()
+    # the controls are what they say: S = 4, and a single generation
+    s4_cfg = (out / "edropout-s4" / "config.yaml").read_text()
+    assert "population_size: 4" in s4_cfg
+    assert len(pq.read_table(out / "frozen-first-gen" / "history.parquet")) == 1
+
+
+def test_equal_finetune_gives_the_baselines_the_whole_dense_budget_too(tmp_path):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--config", TINY, *FAST, "--out", str(out), "--quiet",
+            "--budget", "equal-finetune", "--arms", "magnitude"]  # fmt: skip
+    counts = _run_counting(argv)
+    result = json.loads((out / "compare.json").read_text())
+    assert [r["method"] for r in result["rows"]] == ["dense", "edropout", "magnitude"]
+    dense, edrop, magnitude = counts  # no second dense model: magnitude prunes the dense arm's
+    assert dense == edrop == result["total_steps"]
+    assert _row(result, "magnitude")["train_steps"] == dense + magnitude
+    assert 0 < magnitude < dense
+    assert "equal-finetune" in (out / "compare.md").read_text()
+
+
+def test_dynamics_are_recorded_per_generation(comparison):
+    out, result, _ = comparison
+    history = pq.read_table(out / "edropout" / "history.parquet").to_pylist()
+    masks = [torch.ones(result["num_units"], dtype=torch.bool)]  # the initial best: member 0
+    for row in history:
+        assert row["energy_gap"] == pytest.approx(row["median_energy"] - row["best_energy"])
+        assert row["energy_gap"] >= 0  # the best member is never worse than the median one
+    final = torch.load(out / "edropout" / "mask.pt", weights_only=True)["mask"]
+    masks.append(final)
+    # the bits changed over all generations are at least the distance from start to the end
+    assert sum(r["best_changed_bits"] for r in history) >= int((masks[0] != masks[1]).sum()) > 0
+    for name in ("energy_gap", "best_changed_bits", "train_loss"):
+        assert (out / "edropout" / "plots" / f"{name}.png").is_file(), name
+
+
+def _fake_seed(seed: int, top1: dict[str, float]) -> dict:
+    rows = [{"method": m, "top1": t, "top5": 100.0, "params": 10, "prune_rate": 0.5,
+             "train_steps": 7} for m, t in top1.items()]  # fmt: skip
+    return {"seed": seed, "dataset": "d", "model": "m", "backend": "local", "budget": "equal-steps",
+            "total_steps": 7, "finetune_steps": 3, "params_dense": 20, "target_params": 10,
+            "rows": rows, "config": {"seed": seed}}  # fmt: skip
+
+
+def test_seed_summary_mean_std_and_the_spread_rule():
+    per_seed = [
+        _fake_seed(0, {"edropout": 90.0, "a": 80.0, "b": 89.0, "c": 95.0}),
+        _fake_seed(1, {"edropout": 92.0, "a": 81.0, "b": 93.0, "c": 96.0}),
+        _fake_seed(2, {"edropout": 94.0, "a": 82.0, "b": 91.0, "c": 97.0}),
+    ]
+    summary = summarize_seeds(per_seed)
+    arm = {a["method"]: a for a in summary["arms"]}
+    assert arm["edropout"]["top1_mean"] == pytest.approx(92.0)
+    assert arm["edropout"]["top1_sd"] == pytest.approx(2.0)  # sample std (n - 1)
+    lead = {x["method"]: x for x in summary["leads"]}
+    assert lead["a"]["lead_mean"] == pytest.approx(11.0)
+    assert lead["a"]["verdict"] == "EDropout ahead"  # 11 > max(sd(d)=1, 2, 1)
+    assert lead["b"]["lead_mean"] == pytest.approx(1.0)
+    assert lead["b"]["verdict"] == "within the spread"  # 1 < sd of b (2)
+    assert lead["c"]["verdict"] == "EDropout behind"  # -4 > 2 in size
+    table = seeds_markdown(summary)
+    assert "92.00 ± 2.00" in table and "EDropout behind" in table
+    one = summarize_seeds(per_seed[:1])
+    assert {x["verdict"] for x in one["leads"]} == {"one seed: no spread"}
 
 
 def test_second_run_into_the_same_out_is_refused_and_changes_nothing(comparison, capsys):
-    out, _ = comparison
+    out, _, _ = comparison
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert main(["compare", "--config", TINY, *FAST, "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
