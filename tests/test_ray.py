@@ -200,3 +200,21 @@ def test_lost_trainer_stops_with_a_resume_hint_and_resume_finishes_the_run(
     monkeypatch.undo()
     job.resume(out, quiet=True)
     assert torch.equal(mask_of(out), mask_of(local_run))
+
+
+@pytest.mark.parametrize("transport", ["collective", "object_store"])
+def test_pipeline_ray_backend_equals_local_backend(cluster, tmp_path, transport):
+    """pipeline: true on both backends (the trainer's step and the judging overlap on Ray, run in
+    turn in process): the same one-step-stale rule, so the same mask and energies."""
+    local = tmp_path / "local"
+    job.prune(load_config(TINY, [*SAME, "backend=local", "pipeline=true"]), local, quiet=True)
+    out = tmp_path / "ray"
+    sets = [*SAME, "backend=ray", "pipeline=true", f"weights_transport={transport}"]
+    job.prune(load_config(TINY, sets), out, quiet=True)
+    assert torch.equal(mask_of(out), mask_of(local))
+    ray_hist = pq.read_table(out / "history.parquet").to_pylist()
+    local_hist = pq.read_table(local / "history.parquet").to_pylist()
+    assert len(ray_hist) == len(local_hist)
+    for a, b in zip(ray_hist, local_hist, strict=True):
+        assert a["best_energy"] == pytest.approx(b["best_energy"], abs=1e-6)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)

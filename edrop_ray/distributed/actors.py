@@ -319,6 +319,12 @@ class Coordinator:
             self.members = None  # a broadcast failed: the group is re-formed
         raise RuntimeError(f"no evaluator could receive weights {version}: {error!r}")
 
+    def sync(self, version: int) -> None:
+        """Every live evaluator holds weights ``version`` when this returns (a no-op without
+        the collective transport). The pipelined driver syncs before the trainer steps."""
+        if self.transport == "collective":
+            self._sync(version)
+
     def rejoin(self, version: int, timeout_s: float) -> dict[str, int]:
         """Wait up to ``timeout_s`` for evaluators marked dead to come back, then send them
         weights ``version`` (the trainer's current step): how a restarted evaluator rejoins
