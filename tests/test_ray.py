@@ -218,3 +218,26 @@ def test_pipeline_ray_backend_equals_local_backend(cluster, tmp_path, transport)
     for a, b in zip(ray_hist, local_hist, strict=True):
         assert a["best_energy"] == pytest.approx(b["best_energy"], abs=1e-6)
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+
+
+def test_pool_reruns_the_items_of_a_dead_evaluator_and_keeps_their_order(cluster):
+    from edrop_ray.distributed.pool import EvaluatorPool
+
+    class _Echo:  # defined here: Ray ships it by value (workers cannot import the test module)
+        def identity(self) -> dict:
+            return {"pid": os.getpid()}
+
+        def square(self, item: int) -> tuple[int, int]:
+            return item, item * item
+
+    actors = [ray.remote(_Echo).options(num_cpus=0).remote() for _ in range(3)]
+    pool = EvaluatorPool(actors, timeout_s=60)
+    ray.kill(actors[1], no_restart=True)
+    out = pool.map(lambda actor, item: actor.square.remote(item), 3)
+    assert out == [(0, 0), (1, 1), (2, 4)]
+    assert pool.reruns == 1 and pool.live == [True, False, True]
+    assert pool.healthy() == [0, 2]
+    failed, error = pool.foreach(lambda i, a: a.identity.remote(), [0, 1, 2])
+    assert failed == [1] and error is not None and pool.num_healthy() == 2
+    pool.probe()  # killed for good: stays out
+    assert pool.live == [True, False, True]
