@@ -1,4 +1,4 @@
-"""The Ray backend against the in-process engine on one shared local cluster.
+"""The Ray backend against the in-process engine on the session's shared local cluster.
 
 Every process pins one torch thread (cpu_threads=1) so that float sums, and so the masks, are
 bit-identical across backends on the CPU.
@@ -26,16 +26,15 @@ from edrop_ray.distributed.runner import RayRuntime, plan_resources
 from edrop_ray.loop import Learner, run_edropout
 
 pytestmark = pytest.mark.ray
+SHARED_RAY = True  # the session's Ray instance (tests/conftest.py: ray_cluster)
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
 SAME = ["cpu_threads=1", "num_evaluators=2", "trainer_cpus=1"]
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+def cluster(ray_cluster):
+    return ray_cluster
 
 
 @pytest.fixture(scope="module")
