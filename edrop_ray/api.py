@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .budget import counter_for
 from .energy import compute_energies
 from .masking import Masker
 from .search import DEParams, Search
@@ -40,7 +41,8 @@ class EDropout:
     model: any ``nn.Module`` Torch-Pruning can trace; it keeps its weights and is never copied.
     example_inputs: one input batch (its shape is what matters), used to trace the units.
     **params: the keys of :class:`~edrop_ray.search.DEParams` (population_size, F, CR, mutation,
-    p0, kappa, target_prune_rate, diversity_threshold, patience, max_generations, seed).
+    p0, kappa, target_prune_rate, target_params, target_macs, macs_lambda, diversity_threshold,
+    patience, max_generations, seed).
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, **params: Any):
@@ -56,7 +58,8 @@ class EDropout:
         if self.units.num_units == 0:
             raise ValueError("the model has no prunable channel (no hidden conv/linear output)")
         self.params = DEParams(**params)
-        self.search = Search(self.params, self.units.num_units)
+        counter = counter_for(self.params, model, self.units, example_inputs)  # budgets only
+        self.search = Search(self.params, self.units.num_units, counter=counter)
         self.masker = Masker(model, self.units)
 
     @property

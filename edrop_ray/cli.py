@@ -8,14 +8,22 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
-from .errors import UserError
+from .errors import RunInterrupted, UserError
 
 __all__ = ["build_parser", "main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its error on one line (the usage is one --help away)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="edrop-ray", description="EDropout: energy-based dropout and pruning, on Ray."
     )
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -53,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="YAML config (default: the embedded digits run)")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     c.add_argument("--out", help="folder for compare.json / compare.md / plot")
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help="replace a comparison already in --out")
+    c.add_argument(
+        "--backend", choices=("local", "ray"), help="where energies are computed (config: backend)"
+    )
     c.add_argument("--quiet", action="store_true")
 
     rp = verbs.add_parser("report", help="summary table and plots of a run or a sweep")
@@ -73,29 +84,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import job  # heavy imports (torch, torchvision) only once arguments are good
-    from .config import load_config
+    from .config import load_config, read_yaml, validate
 
     if args.verb == "prune":
         # no --config: the built-in defaults, which are configs/digits_resnet18.yaml
-        config = args.config
-        overrides = list(args.overrides)
-        if args.backend:
-            overrides.append(f"backend={args.backend}")
-        cfg = load_config(config, overrides)
-        out = args.out or f"runs/{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg = load_config(args.config, _overrides(args), names=False)
+        out = _out(args) or f"runs/{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        from . import store
+
+        store.check_out(out, overwrite=args.overwrite)  # answered before torch is imported
+        from . import job  # heavy imports (torch, torchvision) only once the input is good
+
+        validate(cfg)  # the model and dataset names: their registries import torchvision
         job.prune(cfg, out, overwrite=args.overwrite, quiet=args.quiet)
         if not args.quiet:
             print(f"run directory: {out}")
         return 0
     if args.verb == "resume":
+        from . import store
+
+        store.open_resumable(args.run_dir)  # answered before torch is imported
+        from . import job
+
         job.resume(args.run_dir, quiet=args.quiet)
         return 0
     if args.verb == "sweep":
+        load_config(args.config, args.overrides, names=False)  # checks without torch or Ray
+        _out(args)
+        read_yaml(Path(args.space), "space", "--space")  # a binary or broken file: one line
         from .tune import run_sweep_cli
 
         return run_sweep_cli(args)
     if args.verb == "compare":
+        args.overrides = _overrides(args)
+        load_config(args.config, args.overrides, names=False)  # checks without torch
+        if _out(args):
+            from . import store
+
+            store.check_out(args.out, overwrite=args.overwrite, kind="compare")
         from .compare import run_compare_cli
 
         return run_compare_cli(args)
@@ -106,16 +132,47 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(args.verb)
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """--set, then --backend (the flag wins over the config and --set)."""
+    overrides = list(args.overrides)
+    if getattr(args, "backend", None):
+        overrides.append(f"backend={args.backend}")
+    return overrides
+
+
+def _out(args: argparse.Namespace) -> str | None:
+    """--out as given; an empty --out is refused rather than read as "no --out"."""
+    out = getattr(args, "out", None)
+    if out is not None and not out.strip():
+        raise UserError("--out is empty; pass a folder path, e.g. --out runs/my-run")
+    return out
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
     except UserError as e:
-        print(f"edrop-ray: error: {e}", file=sys.stderr)
+        print(f"edrop-ray: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # a disk full, a folder gone mid-run: one line, not a traceback
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"edrop-ray: error: {e.strerror or _one_line(e)}{where}", file=sys.stderr)
+        return 2
+    except RunInterrupted as e:
+        if e.run_dir is None:
+            print(f"edrop-ray: interrupted before the first checkpoint; {e.out} is as it was",
+                  file=sys.stderr)  # fmt: skip
+        else:
+            print(f"edrop-ray: interrupted; the last checkpoint is kept: continue with "
+                  f"edrop-ray resume {e.run_dir}", file=sys.stderr)  # fmt: skip
+        return 130
     except KeyboardInterrupt:
-        print("edrop-ray: interrupted; the last checkpoint is kept (edrop-ray resume DIR)",
-              file=sys.stderr)  # fmt: skip
+        print("edrop-ray: interrupted", file=sys.stderr)
         return 130
 
 

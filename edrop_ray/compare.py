@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import copy
 import io
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -58,9 +57,7 @@ from torch import nn  # noqa: E402
 
 from . import job, store  # noqa: E402
 from .config import Config, config_to_dict, load_config  # noqa: E402
-from .data import load_for  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .loop import Learner, resolve_device  # noqa: E402
+from .loop import Learner  # noqa: E402
 from .slim import count_params_macs, slim_model  # noqa: E402
 from .train import build_optimizer  # noqa: E402
 from .units import Units, build_dependency, find_classifier  # noqa: E402
@@ -193,20 +190,9 @@ def finetune_budget(history: list[dict[str, Any]], total_steps: int) -> tuple[in
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {str(out)!r} is a file; pass a folder path")
-    if overwrite:
-        return
-    if (out / "compare.json").exists():
-        raise UserError(
-            f"--out {str(out)!r} already holds a comparison; pick another --out or pass --overwrite"
-        )
-    run = out / EDROPOUT_DIR
-    if run.is_dir() and any((run / m).exists() for m in store.RUN_MARKERS):
-        raise UserError(
-            f"--out {str(out)!r} holds an unfinished comparison ({EDROPOUT_DIR}/ exists); "
-            "pick another --out or pass --overwrite"
-        )
+    # a comparison folder (compare.json, OUT/edropout) is replaced only whole, and only when it
+    # holds nothing but this tool's files; see store.check_out
+    store.check_out(out, overwrite=overwrite, kind="compare")
 
 
 def _say(console: Console | None, text: str) -> None:
@@ -284,19 +270,16 @@ def compare(cfg: Config, out: str | Path, *, overwrite: bool = False, quiet: boo
     """
     out = Path(out)
     _check_out(out, overwrite)
-    data = load_for(cfg)  # data errors surface here, before anything is written
-    device = resolve_device(cfg.device)
+    data = job.load_data(cfg)  # data errors surface here, before anything is written
+    device = job.check_inputs(cfg, data)  # and the Ray address, the device, batch_size
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     train_set, test_set, info = data
     learner = Learner(cfg, train_set, info, device)  # batch-size errors surface here too
     console = None if quiet else Console(stderr=True)
 
-    out.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUTS:  # a stale result never stands beside a new EDropout run
-        (out / name).unlink(missing_ok=True)
-    if overwrite and (out / EDROPOUT_DIR).is_dir():
-        shutil.rmtree(out / EDROPOUT_DIR)
+    # the new comparison is written aside (OUT.new when OUT holds one) and swapped in at the end
+    final, out = out, store.stage_out(out, kind="compare")
 
     # 1. dense, the baseline every pruned model starts from
     _say(console, f"compare: dense training ({learner.total_steps} steps)")
@@ -313,7 +296,7 @@ def compare(cfg: Config, out: str | Path, *, overwrite: bool = False, quiet: boo
     # 2. EDropout
     _say(console, f"compare: EDropout (backend {cfg.backend})")
     run_dir = out / EDROPOUT_DIR
-    report = job.prune(cfg, run_dir, overwrite=overwrite, quiet=quiet)
+    report = job.prune(cfg, run_dir, quiet=quiet)
     history = pq.read_table(run_dir / "history.parquet").to_pylist()
     start, ft_steps = finetune_budget(history, int(report["steps"]))
     target = int(report["params_pruned"])
@@ -389,6 +372,8 @@ def compare(cfg: Config, out: str | Path, *, overwrite: bool = False, quiet: boo
     _write_plot(out / "accuracy_vs_params.png", result)
     store.write_atomic(out / "compare.md", to_markdown(result).encode())
     store.write_json(out / "compare.json", result)  # last: its presence means "complete"
+    store.commit_out(out)
+    out = final
     if not quiet:
         print_table(result)
     return result

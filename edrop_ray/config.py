@@ -10,6 +10,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
+import reprlib
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,21 @@ import yaml
 
 from .errors import UserError
 
-__all__ = ["Config", "load_config", "parse_override", "config_to_dict", "dense_key", "validate"]
+__all__ = [
+    "Config",
+    "load_config",
+    "parse_override",
+    "config_to_dict",
+    "config_from_dict",
+    "dense_key",
+    "validate",
+    "read_yaml",
+]
+
+# Upper bounds that keep a typo from asking for terabytes (see validate).
+MAX_POPULATION = 4096
+MAX_INPUT_SIZE = 1024
+_INT64 = 2**63
 
 
 @dataclass(frozen=True)
@@ -53,6 +70,10 @@ class Config:
     kappa: float = 10.0
     sparsity_lambda: float = 0.0
     target_prune_rate: float | None = None  # hard budget on the kept-unit fraction
+    # budgets as fractions of the dense model to keep, exact on the slimmed model (budget.py)
+    target_params: float | None = None  # hard: every state keeps <= this fraction of params
+    target_macs: float | None = None  # hard: every state keeps <= this fraction of MACs
+    macs_lambda: float = 0.0  # energy penalty macs_lambda * macs(state) / macs(dense)
     energy_batch_size: int = 32
     states_per_pass: int = 0  # candidates per forward pass; 0 = auto (GPU: all 2S at once)
     evolve_every: int = 3  # training steps between generations
@@ -76,15 +97,24 @@ class Config:
     generation_timeout_s: float = 120.0
     checkpoint_every: int = 10  # generations between checkpoints; 0 = only at the end
     ray_address: str = ""  # empty = attach to a running cluster/job, else start a local one
+    ray_connect_timeout_s: float = 10.0  # how long a given ray_address may take to answer
     # --- weights from the trainer to the evaluators (Ray backend)
     weights_transport: str = "auto"  # auto (collective where one forms) | collective | object_store
     weights_dtype: str = "fp32"  # fp32 (exact) | bf16 (half the bytes; energies move, see README)
 
 
+def _mutations() -> tuple[str, ...]:
+    # Operators registered with edrop_ray.population.register_mutation count once that module is
+    # loaded (a user's own code registers before it builds a config); the CLI checks its input
+    # before torch is imported, so it knows the built-in ones.
+    population = sys.modules.get("edrop_ray.population")
+    return population.mutations() if population is not None else ("logical", "sigmoid")
+
+
 _CHOICES = {
     "device": None,  # validated by pattern below
     "amp": ("none", "bf16"),
-    "mutation": ("logical", "sigmoid"),
+    "mutation": None,  # the registry of edrop_ray.population, see _mutations
     "backend": ("local", "ray"),
     "placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "weights_transport": ("auto", "collective", "object_store"),
@@ -96,6 +126,19 @@ _DENSE_FIELDS = (
     "dataset", "data_root", "input_size", "model", "small_input", "epochs", "batch_size",
     "lr", "momentum", "weight_decay", "seed", "amp", "channels_last", "cpu_threads", "device",
 )  # fmt: skip
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlevel = 2
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+
+
+def show(value: Any) -> str:
+    """A short repr for messages: bounded however large or deeply nested ``value`` is (an
+    alias bomb is a few references deep, but expands to billions of items)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _field_types() -> dict[str, Any]:
@@ -118,23 +161,36 @@ def _coerce(key: str, value: Any) -> Any:
                 return value.lower() in ("true", "1", "yes")
             raise ValueError
         if base == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            if isinstance(value, str):
+                text = value.strip()
+                try:
+                    return int(text)
+                except ValueError:
+                    value = float(text)  # 1e9 is a string to YAML 1.1; accept it when whole
+            if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError
-            return int(value) if not isinstance(value, str) else int(value.strip())
+            if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+                raise ValueError
+            return int(value)
         if base == "float":
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not isinstance(value, int | float | str):
                 raise ValueError
             return float(value)
         if base == "str":
             if not isinstance(value, str | int | float) or isinstance(value, bool):
                 raise ValueError
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
-    raise UserError(f"{key} must be {base}, got {value!r}; e.g. --set {key}={_example(base)}")
+    raise UserError(
+        f"{key} must be {base}, got {show(value)}; e.g. --set {key}={_example(key, base)}"
+    )
 
 
-def _example(base: str) -> str:
+def _example(key: str, base: str) -> str:
+    default = getattr(Config(), key)
+    if default is not None and default != "":
+        return str(default).lower() if isinstance(default, bool) else str(default)
     return {"bool": "true", "int": "3", "float": "0.5"}.get(base, "name")
 
 
@@ -151,8 +207,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _check_keys(values: dict[str, Any], source: str) -> None:
+def _check_keys(values: dict[Any, Any], source: str) -> None:
     valid = _field_types()
+    for key in values:
+        if not isinstance(key, str):
+            raise UserError(f"{source}: key {show(key)} is not a name; keys are names such as "
+                            "population_size")  # fmt: skip
     unknown = sorted(set(values) - set(valid))
     if unknown:
         raise UserError(
@@ -160,21 +220,48 @@ def _check_keys(values: dict[str, Any], source: str) -> None:
         )
 
 
-def validate(cfg: Config) -> Config:
-    """Check ranges and choices; raise UserError naming the key and the fix."""
-    from .data import DATASETS  # local: data imports torchvision, config stays light
-    from .models import MODELS
+def validate(cfg: Config, *, names: bool = True) -> Config:
+    """Check ranges and choices; raise UserError naming the key and the fix.
+
+    ``names=False`` leaves out the model and dataset names (their registries import
+    torchvision); the CLI checks those after the output folder, which is checked without torch.
+    """
 
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise UserError(message)
 
-    need(cfg.model in MODELS, f"unknown model {cfg.model!r}; choose one of: {', '.join(MODELS)}")
-    need(
-        cfg.dataset in DATASETS,
-        f"unknown dataset {cfg.dataset!r}; choose one of: {', '.join(DATASETS)}",
-    )
+    defaults = Config()
+    for f in fields(Config):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            need(False, f"{f.name} must be a finite number, got {v}; "
+                        f"e.g. --set {f.name}={getattr(defaults, f.name)}")  # fmt: skip
+        if isinstance(v, int) and not isinstance(v, bool) and not -_INT64 <= v < _INT64:
+            need(False, f"{f.name} {v} does not fit in 64 bits; e.g. --set {f.name}="
+                        f"{getattr(defaults, f.name)}")  # fmt: skip
+    need(0 <= cfg.seed < _INT64, f"seed must be in [0, 2**63), got {cfg.seed}")
     need(cfg.population_size >= 4, f"population_size must be >= 4, got {cfg.population_size}")
+    need(
+        cfg.population_size <= MAX_POPULATION,
+        f"population_size {cfg.population_size} is more than {MAX_POPULATION}: each member is a "
+        "state of every unit and is judged on its own copy of the energy batch, so the memory it "
+        "asks for grows with it (the paper uses 16-32); lower --set population_size",
+    )
+    need(
+        cfg.input_size <= MAX_INPUT_SIZE,
+        f"input_size {cfg.input_size} is more than {MAX_INPUT_SIZE} px: the images alone would "
+        "not fit in memory; use 28-32 (224 for ImageNet-sized sets)",
+    )
+    need(0.0 <= cfg.momentum <= 1.0, f"momentum must be in [0, 1], got {cfg.momentum}")
+    need(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
+    need(cfg.kappa > 0, f"kappa must be > 0, got {cfg.kappa}")
+    need(
+        0.0 <= cfg.diversity_threshold <= 1.0,
+        f"diversity_threshold must be in [0, 1], got {cfg.diversity_threshold}",
+    )
+    for key in ("generation_timeout_s", "ray_connect_timeout_s"):
+        need(getattr(cfg, key) > 0, f"{key} must be > 0 seconds, got {getattr(cfg, key)}")
     for key in ("F", "CR", "p0"):
         v = getattr(cfg, key)
         need(0.0 <= v <= 1.0 and not math.isnan(v), f"{key} must be in [0, 1], got {v}")
@@ -183,6 +270,10 @@ def validate(cfg: Config) -> Config:
         t is None or (0.0 <= t < 1.0),
         f"target_prune_rate must be in [0, 1) or null, got {t}",
     )
+    for key in ("target_params", "target_macs"):
+        v = getattr(cfg, key)
+        need(v is None or 0.0 < v <= 1.0, f"{key} must be in (0, 1] or null, got {v}")
+    need(cfg.macs_lambda >= 0, f"macs_lambda must be >= 0, got {cfg.macs_lambda}")
     for key in ("epochs", "batch_size", "eval_batch_size", "energy_batch_size", "evolve_every",
                 "patience", "input_size", "weights_every"):  # fmt: skip
         need(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
@@ -202,30 +293,73 @@ def validate(cfg: Config) -> Config:
     need(
         cfg.bn_recalibrate >= 0, f"bn_recalibrate must be >= 0 (0 = off), got {cfg.bn_recalibrate}"
     )
+    need(
+        cfg.mutation in _mutations(),
+        f"mutation must be one of {', '.join(_mutations())}, got {cfg.mutation!r}",
+    )
     for key, choices in _CHOICES.items():
         if choices:
             v = getattr(cfg, key)
             need(v in choices, f"{key} must be one of {', '.join(choices)}, got {v!r}")
     need(
-        cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
+        cfg.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", cfg.device),
         f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}",
+    )
+    if not names:
+        return cfg
+    # last: the registries import torchvision, and every check above is answered without it
+    from .data import DATASETS
+    from .models import MODELS
+
+    need(cfg.model in MODELS, f"unknown model {cfg.model!r}; choose one of: {', '.join(MODELS)}")
+    need(
+        cfg.dataset in DATASETS,
+        f"unknown dataset {cfg.dataset!r}; choose one of: {', '.join(DATASETS)}",
     )
     return cfg
 
 
+def config_from_dict(values: Any, source: str) -> Config:
+    """A validated Config from a plain mapping (a YAML file's, a checkpoint's); UserError if not."""
+    if not isinstance(values, dict):
+        raise UserError(f"{source} must hold a mapping of key: value, got {type(values).__name__}")
+    _check_keys(values, source)
+    return validate(Config(**{k: _coerce(k, v) for k, v in values.items()}))
+
+
+def read_yaml(p: Path, what: str, flag: str) -> Any:
+    """safe_load of a small text file; every way it can fail is one UserError line."""
+    if not p.is_file():
+        raise UserError(f"{what} file {str(p)!r} not found; pass an existing {flag} FILE")
+    try:
+        text = p.read_text()
+        if "\x00" in text:
+            raise UnicodeDecodeError("utf-8", b"", 0, 1, "NUL byte")
+        return yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise UserError(f"{what} file {str(p)!r} is not a text file; pass a YAML {flag}") from None
+    except OSError as e:
+        raise UserError(f"{what} file {str(p)!r} cannot be read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{what} file {str(p)!r} is not valid YAML: {first}") from None
+    except RecursionError:
+        raise UserError(f"{what} file {str(p)!r} is nested too deeply to be a {what}") from None
+
+
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    names: bool = True,
 ) -> Config:
     """Read a YAML config (optional), apply ``key=value`` overrides, validate, return it."""
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {str(p)!r} not found; pass an existing --config FILE")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {str(p)!r} is not valid YAML: {e}".splitlines()[0]) from e
+        loaded = read_yaml(p, "config", "--config")
+        if loaded is None:
+            loaded = {}
         if not isinstance(loaded, dict):
             raise UserError(f"config file {str(p)!r} must hold a mapping of key: value")
         _check_keys(loaded, str(p))
@@ -234,7 +368,7 @@ def load_config(
         key, value = parse_override(text)
         _check_keys({key: value}, "--set")
         values[key] = _coerce(key, value)
-    return validate(Config(**values))
+    return validate(Config(**values), names=names)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

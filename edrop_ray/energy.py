@@ -3,7 +3,9 @@
 The energy of a state is the mean cross-entropy of the network with that state applied,
 computed without gradients and with BatchNorm in inference mode (running statistics), so that
 every candidate of a generation is judged on the same batch with the same weights. Optionally
-``sparsity_lambda * kept_fraction(state)`` is added to steer the pruning rate.
+``sparsity_lambda * kept_fraction(state)`` is added to steer the pruning rate, and
+``macs_lambda * macs(state) / macs(dense)`` (:func:`macs_penalty`, added by the search, which holds
+the exact count of :mod:`edrop_ray.budget`) to steer the compute.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ from torch import nn
 
 from .masking import Masker
 
-__all__ = ["compute_energies", "compute_energies_looped"]
+__all__ = ["compute_energies", "compute_energies_looped", "macs_penalty"]
+
+
+def macs_penalty(states: torch.Tensor, counter, macs_lambda: float) -> torch.Tensor:
+    """(N,) float32 ``macs_lambda * macs(state) / macs(dense)`` of (N, D) states, counted
+    exactly on the slimmed model by ``counter`` (a :class:`edrop_ray.budget.Counter`)."""
+    return (macs_lambda * counter.fractions(states)[1]).float()
 
 
 def _autocast(device: torch.device, amp: str):

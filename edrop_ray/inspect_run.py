@@ -23,20 +23,18 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow.parquet as pq
-import torch
-from torch import nn
-
-from . import report as rep
 from . import store
-from .config import load_config
-from .data import load_datasets
+from .config import Config, config_from_dict, load_config
 from .errors import UserError
-from .loop import resolve_device, test_batches
-from .slim import load_pruned, save_pruned
-from .train import evaluate
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch, torchvision, pyarrow and matplotlib are imported inside the functions that use them,
+# after the run folder and the arguments are checked: a bad input is answered in a blink.
 
 __all__ = [
     "report_cli",
@@ -60,6 +58,15 @@ _ONNX_HINT = (
 # ---------------------------------------------------------------------------------------- report
 
 
+def run_config(run_dir: Path) -> Config:
+    """The config the run used: the copy in its marker (config.yaml may have been edited since);
+    config.yaml for runs made before the marker held one."""
+    recorded = store.read_marker(run_dir).get("config")
+    if isinstance(recorded, dict):
+        return config_from_dict(recorded, f"the marker of {str(run_dir)!r}")
+    return load_config(run_dir / "config.yaml")
+
+
 def report_cli(args: argparse.Namespace) -> int:
     """Print the table of a run or a sweep (``args.format``: md | json) and write its plots."""
     path = Path(args.path)
@@ -71,8 +78,8 @@ def report_cli(args: argparse.Namespace) -> int:
     if path.is_dir() and (path / "config.yaml").is_file():
         return _report_run(store.open_run_dir(path), fmt)
     raise UserError(
-        f"{str(path)!r} is not a run or sweep directory (no config.yaml or sweep.json); "
-        "pass the --out folder of a prune or a sweep"
+        f"{str(path)!r} is not a run or sweep directory (no .edrop_ray_run, report.json or "
+        "sweep.json); pass the --out folder of a prune or a sweep"
     )
 
 
@@ -90,17 +97,41 @@ def _finished_report(run_dir: Path) -> dict[str, Any]:
         raise UserError(
             f"{str(path)!r} is not valid JSON ({type(e).__name__}); re-run the prune"
         ) from e
-    if not isinstance(report, dict):
-        raise UserError(f"{str(path)!r} does not hold a run report; re-run the prune")
+    missing = sorted(REPORT_KEYS - set(report)) if isinstance(report, dict) else ["all"]
+    if missing:
+        raise UserError(
+            f"{str(path)!r} does not hold a run report (no {missing[0]!r}); re-run the prune"
+        )
+    for key in sorted(REPORT_KEYS - {"dataset", "model"}):
+        if isinstance(report[key], bool) or not isinstance(report[key], int | float):
+            raise UserError(f"{str(path)!r} is damaged ({key} is not a number); re-run the prune")
     return report
 
 
+# what a report must hold for the summary table (report.summary_rows)
+REPORT_KEYS = frozenset({
+    "dataset", "model", "dense_top1", "dense_top5", "pruned_top1", "pruned_top5", "params_dense",
+    "params_pruned", "macs_dense", "macs_pruned", "prune_rate", "generations", "wall_s",
+})  # fmt: skip
+
+
 def _read_history(run_dir: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
     path = run_dir / "history.parquet"
-    return pq.read_table(path).to_pylist() if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        return pq.read_table(path).to_pylist()
+    except (OSError, ValueError) as e:  # ArrowInvalid is a ValueError
+        raise UserError(
+            f"{str(path)!r} is not a readable Parquet table ({type(e).__name__}); re-run the prune"
+        ) from None
 
 
 def _report_run(run_dir: Path, fmt: str) -> int:
+    from . import report as rep
+
     report = _finished_report(run_dir)
     plots = rep.write_plots(run_dir, _read_history(run_dir))
     if report.get("kept_per_layer"):
@@ -120,6 +151,8 @@ def _report_run(run_dir: Path, fmt: str) -> int:
 
 
 def _report_sweep(sweep_dir: Path, fmt: str) -> int:
+    from . import report as rep
+
     path = sweep_dir / "sweep.json"
     try:
         rows = rep.sweep_rows(json.loads(path.read_text()))
@@ -156,6 +189,8 @@ def _pruned_blob(run_dir: Path) -> tuple[Path, dict[str, Any]]:
             f"run {str(run_dir)!r} has no pruned_model.pt (it has not finished); "
             f"resume it with: edrop-ray resume {run_dir}"
         )
+    import torch
+
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle: the same to the user
@@ -169,6 +204,8 @@ def _pruned_blob(run_dir: Path) -> tuple[Path, dict[str, Any]]:
 
 def check_batch(blob: dict[str, Any], n: int = _CHECK_BATCH) -> torch.Tensor:
     """A deterministic (n, C, H, W) batch of standard-normal inputs for the export check."""
+    import torch
+
     g = torch.Generator().manual_seed(0)
     size = blob["input_size"]
     return torch.randn(n, blob["in_channels"], size, size, generator=g)
@@ -219,14 +256,20 @@ def export_cli(args: argparse.Namespace) -> int:
         if missing:
             raise UserError(_ONNX_HINT)
     run_dir = store.open_run_dir(args.run_dir)
-    pruned_path, blob = _pruned_blob(run_dir)
-    if args.output:
-        output = Path(args.output)
+    if args.output is not None:
+        if not args.output.strip():
+            raise UserError("--output is empty; pass a file path, e.g. --output model.pt")
+        output = Path(args.output).expanduser()
         if output.is_dir():
             raise UserError(f"--output {str(output)!r} is a folder; pass a file path")
     else:
         output = run_dir / "export" / f"model{EXPORT_SUFFIX[fmt]}"
+    store.check_writable(output.parent, "--output", given=output)
+    pruned_path, blob = _pruned_blob(run_dir)
     output.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    from .slim import load_pruned
 
     model = load_pruned(pruned_path)
     x = check_batch(blob)
@@ -262,6 +305,10 @@ class _CheckFailed(Exception):
 
 
 def _export_recipe(model: nn.Module, blob: dict, path: Path, x: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    from .slim import load_pruned, save_pruned
+
     save_pruned(
         path,
         model,
@@ -278,6 +325,8 @@ def _export_recipe(model: nn.Module, blob: dict, path: Path, x: torch.Tensor) ->
 
 
 def _export_torchscript(model: nn.Module, path: Path, x: torch.Tensor) -> torch.Tensor:
+    import torch
+
     print("note: torch deprecates TorchScript (torch.jit) in favour of torch.export; the file "
           "still loads with torch.jit.load", file=sys.stderr)  # fmt: skip
     with warnings.catch_warnings():  # said once above instead of four FutureWarnings
@@ -291,6 +340,8 @@ def _export_torchscript(model: nn.Module, path: Path, x: torch.Tensor) -> torch.
 
 
 def _export_onnx(model: nn.Module, path: Path, x: torch.Tensor) -> torch.Tensor | None:
+    import torch
+
     batch = torch.export.Dim("batch", min=1)
     torch.onnx.export(
         model,
@@ -318,10 +369,17 @@ def _export_onnx(model: nn.Module, path: Path, x: torch.Tensor) -> torch.Tensor 
 # -------------------------------------------------------------------------------------- evaluate
 
 
+def load_datasets(*args, **kwargs):
+    """:func:`edrop_ray.data.load_datasets`, imported on first use (it imports torchvision)."""
+    from .data import load_datasets as load
+
+    return load(*args, **kwargs)
+
+
 def evaluate_cli(args: argparse.Namespace) -> int:
     """Top-1/Top-5 of the run's saved slimmed model on the test split of a dataset."""
     run_dir = store.open_run_dir(args.run_dir)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = run_config(run_dir)
     pruned_path, blob = _pruned_blob(run_dir)
     dataset = args.dataset or cfg.dataset
     data_root = args.data_root or cfg.data_root
@@ -341,6 +399,10 @@ def evaluate_cli(args: argparse.Namespace) -> int:
             f"channel(s), but the model of {str(run_dir)!r} takes {blob['in_channels']} channel(s) "
             f"and predicts {blob['num_classes']} classes; pick a matching --dataset"
         )
+    from .loop import resolve_device, test_batches
+    from .slim import load_pruned
+    from .train import evaluate
+
     device = resolve_device(cfg.device)
     model = load_pruned(pruned_path).to(device)
     result = evaluate(model, test_batches(test_set, cfg.eval_batch_size), device=device)

@@ -11,22 +11,25 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from . import __version__, store
-from .config import Config, config_to_dict, dense_key, validate
+from .budget import budget_report, counter_for
+from .config import Config, config_from_dict, config_to_dict, dense_key, validate
 from .data import load_for
-from .errors import UserError
+from .errors import RunInterrupted, UserError
 from .loop import Learner, measure_pruned, resolve_device, run_dense, run_edropout
 from .report import Progress, print_summary, write_plots
 from .search import Search
 from .slim import kept_per_layer, save_pruned
 
-__all__ = ["prune", "resume", "dense_baseline", "train_dense"]
+__all__ = ["prune", "resume", "dense_baseline", "train_dense", "load_data", "check_inputs"]
 
 
 def _cache_dir() -> Path:
@@ -90,34 +93,126 @@ def dense_baseline(cfg: Config, data, device: torch.device) -> dict[str, Any]:
 
 def _start_backend(cfg: Config, local: Learner):
     """(learner, search, runtime) for the chosen backend; runtime is None in process."""
+    counter = counter_for(cfg, local.model, local.units, local.example)
     if cfg.backend == "local":
-        return local, Search(cfg, local.units.num_units), None
+        return local, Search(cfg, local.units.num_units, counter=counter), None
     from .distributed.runner import RayRuntime  # Ray is imported only when asked for
 
-    runtime = RayRuntime(cfg, local.info, local.units.num_units)
+    runtime = RayRuntime(cfg, local.info, local.units.num_units, counter=counter)
     return runtime.learner, runtime.search, runtime
 
 
-def prune(cfg: Config, out: str | Path, *, overwrite: bool = False, quiet: bool = False) -> dict:
-    """Run EDropout with ``cfg`` into the folder ``out``; return the report."""
-    data = load_for(cfg)  # data errors surface here, before anything is written
+def load_data(cfg: Config):
+    """:func:`load_for`, with any unreadable data file turned into one UserError line."""
+    try:
+        return load_for(cfg)
+    except UserError:
+        raise
+    # torchvision asserts on a bad idx header; PIL, pickle and numpy raise their own errors
+    except (AssertionError, ValueError, RuntimeError, OSError, EOFError, KeyError) as e:
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise UserError(
+            f"dataset {cfg.dataset!r} under {cfg.data_root!r} cannot be read ({reason}); "
+            "replace its files with the originals or pass --set download=true"
+        ) from None
+
+
+def check_inputs(cfg: Config, data) -> torch.device:
+    """Every check of a run's input that needs the data or the machine; writes nothing."""
+    validate(cfg)
+    train_set, _test_set, _info = data
+    if len(train_set) < cfg.batch_size:
+        raise UserError(
+            f"batch_size {cfg.batch_size} is larger than the training set ({len(train_set)} "
+            f"images of {cfg.dataset!r}); lower --set batch_size"
+        )
     device = resolve_device(cfg.device)
-    run_dir = store.prepare_run_dir(out, overwrite=overwrite)
-    store.write_yaml(run_dir / "config.yaml", config_to_dict(cfg))
-    return _execute(cfg, run_dir, data, device, checkpoint=None, quiet=quiet)
+    if cfg.backend == "ray":
+        check_ray_address(cfg)
+    return device
+
+
+def check_ray_address(cfg: Config) -> None:
+    """A given Ray address must answer within ``ray_connect_timeout_s`` (no endless retry)."""
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS", "")
+    source = "ray_address" if cfg.ray_address else "RAY_ADDRESS"
+    host_port = address.split("://", 1)[-1].rstrip("/")
+    if not address or address in ("auto", "local") or ":" not in host_port:
+        return  # auto/local: Ray finds (or starts) the cluster itself, and says so when it fails
+    host, _, port = host_port.rpartition(":")
+    if not port.isdigit():
+        raise UserError(f"{source} {address!r} must be host:port (e.g. 127.0.0.1:6379)")
+    t = cfg.ray_connect_timeout_s
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=t).close()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise UserError(
+            f"nothing answers at {source} {address!r} ({reason}, waited up to {t:g} s); start "
+            "the cluster (ray start --head) or fix the address (ray_connect_timeout_s: the wait)"
+        ) from None
+
+
+def prune(cfg: Config, out: str | Path, *, overwrite: bool = False, quiet: bool = False) -> dict:
+    """Run EDropout with ``cfg`` into the folder ``out``; return the report.
+
+    Every check runs before the first file is written. A run already in ``out`` (with
+    ``overwrite``) stays untouched until the new one is complete: the new run is written to
+    ``OUT.new`` and swapped in at the end. A new run that fails before its first checkpoint is
+    removed, so the disk is as it was.
+    """
+    validate(cfg)
+    store.check_out(out, overwrite=overwrite)
+    data = load_data(cfg)
+    device = check_inputs(cfg, data)
+    run_dir = store.stage_out(out, config=config_to_dict(cfg))
+    try:
+        store.write_yaml(run_dir / "config.yaml", config_to_dict(cfg))
+        report = _execute(cfg, run_dir, data, device, checkpoint=None, quiet=quiet)
+    except BaseException as e:
+        kept = store.abandon_out(run_dir)
+        if isinstance(e, KeyboardInterrupt):
+            raise RunInterrupted(run_dir if kept else None, Path(out)) from None
+        raise
+    store.commit_out(run_dir)
+    return report
 
 
 def resume(run_dir: str | Path, *, quiet: bool = False) -> dict:
     """Continue a stopped run from its last checkpoint to the same result as an unbroken run."""
-    path = store.open_run_dir(run_dir)
+    path = store.open_resumable(run_dir)
     blob = store.load_checkpoint(path)
-    cfg = validate(Config(**blob["config"]))
-    if (path / "report.json").is_file():
-        raise UserError(
-            f"run {str(path)!r} already finished (report.json exists); nothing to resume"
-        )
-    data = load_for(cfg)
-    return _execute(cfg, path, data, resolve_device(cfg.device), checkpoint=blob, quiet=quiet)
+    cfg = config_from_dict(blob.get("config"), f"the checkpoint of {str(path)!r}")
+    _check_config_file(path, blob["config"])
+    data = load_data(cfg)
+    device = check_inputs(cfg, data)
+    marker = store.read_marker(path)
+    if marker.get("replaces"):  # a staged --overwrite run: its target must still be replaceable
+        store.check_out(path.parent / marker["replaces"], overwrite=True)
+    try:
+        report = _execute(cfg, path, data, device, checkpoint=blob, quiet=quiet)
+    except KeyboardInterrupt:
+        raise RunInterrupted(path, path) from None
+    store.commit_out(path)
+    return report
+
+
+def _check_config_file(path: Path, started: dict[str, Any]) -> None:
+    """Resume runs the checkpoint's config: refuse a config.yaml that says otherwise."""
+    try:
+        on_disk = yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"{str(path / 'config.yaml')!r} cannot be read ({type(e).__name__}); "
+                        "restore it as the run wrote it") from None  # fmt: skip
+    on_disk = on_disk if isinstance(on_disk, dict) else {}
+    missing = object()
+    for key in sorted(set(started) | set(on_disk), key=str):
+        if on_disk.get(key, missing) != started.get(key, missing):
+            raise UserError(
+                f"config.yaml of {str(path)!r} says {key}: {on_disk.get(key)!r} but the run "
+                f"started with {key}: {started.get(key)!r}; resume continues the run as it "
+                "started: restore config.yaml, or start a new run with the new config"
+            )
 
 
 def _execute(cfg, run_dir: Path, data, device, *, checkpoint: dict | None, quiet: bool) -> dict:
@@ -148,7 +243,7 @@ def _execute(cfg, run_dir: Path, data, device, *, checkpoint: dict | None, quiet
         store.save_checkpoint(
             run_dir,
             {
-                "format": "edrop_ray.checkpoint/1",
+                "format": store.CHECKPOINT_FORMAT,
                 "config": config_to_dict(cfg),
                 "learner": learner.state_dict(),
                 "search": search.state_dict(),
@@ -229,6 +324,7 @@ def _finish(cfg, run_dir, learner, search, test_set, dense, history, snapshots) 
         "pruned_top5": m["top5"],
         **{k: m[k] for k in ("params_dense", "params_pruned", "prune_rate", "macs_dense")},
         **{k: m[k] for k in ("macs_pruned", "kept_units", "num_units")},
+        **budget_report(cfg, m),
         "kept_per_layer": kept_per_layer(learner.units, final),
         "generations": search.generation,
         "converged_at": search.converged_at,

@@ -82,12 +82,21 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
         return f"{v / 1e6:.2f} M"
 
     conv = report.get("converged_at")
+    budgets = [  # the budget asked for next to the one reached on the slimmed model
+        (f"{what} kept (budget)", "-", f"{100 * report[kept]:.1f}% (<= {100 * target:.1f}%)")
+        for what, kept, target in (
+            ("params", "params_kept", report.get("target_params")),
+            ("MACs", "macs_kept", report.get("target_macs")),
+        )
+        if target is not None
+    ]
     return [
         ("Top-1 (%)", f"{report['dense_top1']:.2f}", f"{report['pruned_top1']:.2f}"),
         ("Top-5 (%)", f"{report['dense_top5']:.2f}", f"{report['pruned_top5']:.2f}"),
         ("params", n(report["params_dense"]), n(report["params_pruned"])),
         ("MACs", n(report["macs_dense"]), n(report["macs_pruned"])),
         ("pruning rate", "-", f"{100 * report['prune_rate']:.1f}%"),
+        *budgets,
         ("generations", "-", f"{report['generations']} (converged at {conv})"),
         ("wall time (s)", f"{report.get('dense_wall_s') or 0:.1f}", f"{report['wall_s']:.1f}"),
     ]

@@ -16,7 +16,9 @@ from typing import Any
 import torch
 
 from . import population as pop
+from .budget import Counter, repair_budget
 from .config import Config
+from .energy import macs_penalty
 from .errors import UserError
 
 __all__ = ["DEParams", "Search"]
@@ -37,6 +39,9 @@ class DEParams:
     CR: float = 0.7
     kappa: float = 10.0
     target_prune_rate: float | None = None  # hard budget on the kept-unit fraction
+    target_params: float | None = None  # hard budget: kept fraction of the dense parameters
+    target_macs: float | None = None  # hard budget: kept fraction of the dense MACs
+    macs_lambda: float = 0.0  # energy penalty on the kept MACs fraction
     diversity_threshold: float = 0.02
     patience: int = 10
     max_generations: int = 0  # 0 = no cap
@@ -48,12 +53,20 @@ class DEParams:
 
 
 class Search:
-    """Population, generator and convergence state of one EDropout run."""
+    """Population, generator and convergence state of one EDropout run.
 
-    def __init__(self, params: DEParams | Config, num_units: int):
+    counter: the exact params/MACs count of the model's states (:func:`edrop_ray.budget.
+    build_counter`); needed for ``target_params``, ``target_macs`` and ``macs_lambda``.
+    """
+
+    def __init__(
+        self, params: DEParams | Config, num_units: int, *, counter: Counter | None = None
+    ):
         cfg = params if isinstance(params, DEParams) else DEParams.from_config(params)
         self.params = cfg
         self.num_units = num_units
+        self.counter = counter
+        self.max_params, self.max_macs = _budgets(cfg, counter, num_units)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         states = pop.init_states(
             size=cfg.population_size, num_units=num_units, p0=cfg.p0, generator=self.generator
@@ -63,6 +76,7 @@ class Search:
             # at least one unit stays on: an all-off network has no signal to learn from
             self.max_kept = max(1, math.floor((1.0 - cfg.target_prune_rate) * num_units))
             states = pop.repair(states, max_kept=self.max_kept, generator=self.generator)
+        states = self._repair_budget(states)
         self.population = pop.start(states)
         self.frozen = False
         self.converged_at: int | None = None
@@ -90,6 +104,7 @@ class Search:
         )
         if self.max_kept < self.num_units:
             trials = pop.repair(trials, max_kept=self.max_kept, generator=self.generator)
+        trials = self._repair_budget(trials)
         self._trials = trials
         return torch.cat([self.population.states, trials])
 
@@ -101,6 +116,7 @@ class Search:
         if self._trials is None:
             raise RuntimeError("select() called without propose()")
         size = self.params.population_size
+        cfg = self.params
         if energies.shape != (2 * size,):
             raise ValueError(f"expected {2 * size} energies, got {tuple(energies.shape)}")
         if not bool(torch.isfinite(energies).all()):
@@ -108,6 +124,9 @@ class Search:
                 f"an energy became {float(energies[~torch.isfinite(energies)][0])} at generation "
                 f"{self.generation}: the weights diverged; lower the learning rate (--set lr=...)"
             )
+        if cfg.macs_lambda:
+            candidates = torch.cat([self.population.states, self._trials])
+            energies = energies + macs_penalty(candidates, self.counter, cfg.macs_lambda)
         self.population = pop.tell(self.population, self._trials, energies[:size], energies[size:])
         self._trials = None
         div = pop.diversity(self.population.states)
@@ -125,6 +144,17 @@ class Search:
             "kept_fraction": float(self.best.float().mean()),
             "frozen": self.frozen,
         }
+
+    def _repair_budget(self, states: torch.Tensor) -> torch.Tensor:
+        if self.max_params is None and self.max_macs is None:
+            return states
+        return repair_budget(
+            states,
+            self.counter,
+            max_params=self.max_params,
+            max_macs=self.max_macs,
+            generator=self.generator,
+        )
 
     def run_generation(self, learner) -> dict[str, Any]:
         """One whole generation judged by ``learner`` (anything with ``energy_batch()`` and
@@ -160,3 +190,30 @@ class Search:
         self.frozen = bool(sd["frozen"])
         self.converged_at = None if int(sd["converged_at"]) < 0 else int(sd["converged_at"])
         self._trials = None
+
+
+def _budgets(
+    cfg: DEParams, counter: Counter | None, num_units: int
+) -> tuple[int | None, int | None]:
+    """(max params, max MACs) of the hard budgets; a budget no state can meet is refused."""
+    if cfg.target_params is None and cfg.target_macs is None and not cfg.macs_lambda:
+        return None, None
+    if counter is None or counter.num_units != num_units:
+        raise ValueError("target_params, target_macs and macs_lambda need the model's counter")
+    low_params, low_macs = (int(v[0]) for v in counter.count(torch.zeros(1, num_units).bool()))
+    out: list[int | None] = []
+    for target, dense, low, what in (
+        (cfg.target_params, counter.dense_params, low_params, "params"),
+        (cfg.target_macs, counter.dense_macs, low_macs, "macs"),
+    ):
+        if target is None:
+            out.append(None)
+            continue
+        limit = math.floor(target * dense)
+        if low > limit:
+            raise UserError(
+                f"target_{what}={target} cannot be met: the smallest slimmed model keeps "
+                f"{low / dense:.4f} of the dense {what}; ask for at least that"
+            )
+        out.append(limit)
+    return out[0], out[1]

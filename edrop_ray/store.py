@@ -12,19 +12,31 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
 import yaml
 
 from .errors import UserError
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import torch
+
+# numpy, pyarrow and torch are imported where they are used: checking an output folder (the
+# CLI does it before anything heavy is loaded) must not pay for them.
+
 __all__ = [
     "RUN_MARKERS",
+    "MARKER",
+    "folder_kind",
+    "read_marker",
+    "check_out",
+    "check_writable",
+    "stage_out",
+    "commit_out",
+    "abandon_out",
     "prepare_run_dir",
+    "open_resumable",
     "open_run_dir",
     "write_atomic",
     "write_json",
@@ -40,30 +52,251 @@ __all__ = [
     "unpack_states",
 ]
 
-# A folder holding any of these is a run; it is never overwritten without --overwrite.
-RUN_MARKERS = ("config.yaml", "report.json", "checkpoint.pt")
+# A run folder identifies itself with this marker, written by this tool before anything else.
+MARKER = ".edrop_ray_run"
+RUN_FORMAT = "edrop_ray.run/1"
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "edrop_ray.checkpoint/1"
+# Files a run (kind "run") or a comparison (kind "compare") of this tool writes in its folder;
+# --overwrite replaces a folder only when it holds nothing else.
+RUN_FILES = frozenset({
+    MARKER, "config.yaml", "report.json", "history.parquet", "population.parquet", "mask.pt",
+    "pruned_model.pt", CHECKPOINT, "plots", "export",
+})  # fmt: skip
+COMPARE_FILES = frozenset(
+    {MARKER, "compare.json", "compare.md", "accuracy_vs_params.png", "edropout"}
+)
+# report.json of a run made before the marker existed: recognised by these keys.
+_REPORT_KEYS = frozenset({"dense_top1", "pruned_top1", "params_pruned", "prune_rate"})
+RUN_MARKERS = (MARKER, "report.json", CHECKPOINT)  # kept for callers that look for a run
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_marker(path: str | Path) -> dict[str, Any]:
+    """The marker of a run folder ({} when there is none or it is unreadable)."""
+    m = _read_json(Path(path) / MARKER)
+    return m if isinstance(m, dict) else {}
+
+
+def folder_kind(path: Path) -> str | None:
+    """``"run"`` or ``"compare"`` when ``path`` was made by this tool, else None.
+
+    A folder is this tool's when it holds the marker, or (runs made before the marker existed)
+    a ``report.json`` with this tool's keys, a ``checkpoint.pt`` with this tool's format, or a
+    ``compare.json`` with this tool's format.
+    """
+    marker = _read_json(path / MARKER)
+    if isinstance(marker, dict) and str(marker.get("format", "")).startswith("edrop_ray.run/"):
+        return "compare" if marker.get("kind") == "compare" else "run"
+    report = _read_json(path / "report.json")
+    if isinstance(report, dict) and _REPORT_KEYS <= set(report):
+        return "run"
+    comp = _read_json(path / "compare.json")
+    if isinstance(comp, dict) and comp.get("format") == "edrop_ray.compare/1":
+        return "compare"
+    if (path / CHECKPOINT).is_file():
+        import torch
+
+        try:
+            blob = torch.load(path / CHECKPOINT, map_location="cpu", weights_only=True)
+        except Exception:  # any unreadable file is not proof of a run
+            return None
+        if isinstance(blob, dict) and blob.get("format") == CHECKPOINT_FORMAT:
+            return "run"
+    return None
+
+
+def _foreign(path: Path, kind: str) -> list[str]:
+    """Entries of a folder of ``kind`` that this tool did not write (sorted)."""
+    own = COMPARE_FILES if kind == "compare" else RUN_FILES
+    out = []
+    for entry in sorted(path.iterdir()):
+        name = entry.name
+        if name.startswith(".") and name.endswith(".tmp"):
+            continue  # a temporary file of write_atomic / save_checkpoint
+        if name not in own:
+            out.append(name)
+        elif name == "plots" and entry.is_dir():
+            out += [f"plots/{p.name}" for p in sorted(entry.iterdir()) if p.suffix != ".png"]
+        elif name == "export" and entry.is_dir():
+            out += [f"export/{p.name}" for p in sorted(entry.iterdir()) if p.stem != "model"]
+        elif name == "edropout" and entry.is_dir():
+            if folder_kind(entry) != "run":
+                out.append("edropout/")
+            else:
+                out += [f"edropout/{n}" for n in _foreign(entry, "run")]
+    return out
+
+
+def _stage_path(out: Path) -> Path:
+    out = Path(os.path.abspath(out))  # "." and "runs/demo/.." have a real name to stage beside
+    return out.parent / f"{out.name}.new"
+
+
+def check_writable(path: Path, flag: str, given: Path | None = None) -> None:
+    """The nearest existing folder at or above ``path`` must be a writable folder (``given``:
+    the path as the user wrote it, for the message)."""
+    p = path
+    path = given if given is not None else path
+    while not p.exists():
+        if p.parent == p:
+            break
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {str(path)!r} is under the file {str(p)!r}; pass a folder path")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {str(path)!r}: the folder {str(p)!r} is not writable; "
+                        f"pick another {flag}")  # fmt: skip
+
+
+def check_out(out: str | Path, *, overwrite: bool, kind: str = "run", flag: str = "--out") -> Path:
+    """Check that a new run (or comparison) may be written to ``out``; write nothing.
+
+    ``out`` may be missing, an empty folder, or (with ``overwrite``) a folder of this tool's
+    of the same kind that holds nothing else. UserError otherwise, naming what is in the way.
+    """
+    if str(out).strip() == "":
+        raise UserError(f"{flag} is empty; pass a folder path, e.g. {flag} runs/my-run")
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {str(path)!r} is a file; pass a folder path")
+    check_writable(path, flag)
+    if not path.is_dir():
+        return path
+    try:
+        entries = sorted(e.name for e in path.iterdir())
+    except OSError as e:
+        raise UserError(f"{flag} {str(path)!r} cannot be read ({e.strerror}); pick another "
+                        f"{flag}") from None  # fmt: skip
+    if not entries:
+        return path
+    found = folder_kind(path)
+    what = "a comparison" if kind == "compare" else "a run"
+    if found is None and kind == "compare" and (path / "edropout").is_dir():
+        raise UserError(
+            f"{flag} {str(path)!r} holds an unfinished comparison without this tool's marker "
+            f"(edropout/ but no {MARKER}); nothing there was touched, and --overwrite replaces "
+            "only marked folders: remove it yourself or pick another " + flag
+        )
+    if found is None:
+        raise UserError(
+            f"{flag} {str(path)!r} is not an edrop_ray run folder (it holds {entries[0]!r} and "
+            f"no {MARKER}); nothing there was touched: pick a new or empty folder"
+        )
+    if found != kind:
+        other = "a comparison" if found == "compare" else "a run"
+        raise UserError(f"{flag} {str(path)!r} holds {other}, not {what}; pick another {flag}")
+    if not overwrite:
+        raise UserError(
+            f"{flag} {str(path)!r} already holds {what}; pick another {flag} or pass --overwrite"
+        )
+    foreign = _foreign(path, kind)
+    if foreign:
+        raise UserError(
+            f"{flag} {str(path)!r} holds {what} and also {foreign[0]!r}, which edrop_ray did not "
+            "write; --overwrite replaces only its own files: move it out or pick another " + flag
+        )
+    stage = _stage_path(path)
+    check_writable(stage.parent, flag)
+    if stage.exists():
+        m = _read_json(stage / MARKER) if stage.is_dir() else None
+        if not (isinstance(m, dict) and m.get("replaces") == stage.name.removesuffix(".new")):
+            raise UserError(
+                f"{str(stage)!r} is in the way (--overwrite writes the new run there and swaps "
+                "it in at the end); move it or pick another " + flag
+            )
+    return path
+
+
+def stage_out(out: str | Path, *, kind: str = "run", config: dict | None = None) -> Path:
+    """The folder a new run (or comparison) is written to; call after :func:`check_out`.
+
+    A missing or empty ``out`` is written in place. A run already in ``out`` stays untouched:
+    the new one goes to the sibling ``OUT.new`` and :func:`commit_out` swaps it in at the end.
+    """
+    path = Path(out).expanduser()
+    marker: dict[str, Any] = {"format": RUN_FORMAT, "kind": kind}
+    if config is not None:
+        marker["config"] = config  # the config the run used, whatever config.yaml says later
+    if path.is_dir() and any(path.iterdir()):
+        stage = _stage_path(path)
+        if stage.exists():  # an abandoned earlier attempt to replace the same run: ours
+            shutil.rmtree(stage)
+        marker["replaces"] = stage.name.removesuffix(".new")
+        path = stage
+    marker["created"] = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    write_json(path / MARKER, marker)
+    return path
+
+
+def commit_out(path: str | Path) -> Path:
+    """Swap a staged run into the folder it replaces (no-op for a run written in place).
+
+    The old folder is removed only once the new one is complete and in its place.
+    """
+    path = Path(path)
+    marker = _read_json(path / MARKER)
+    if not isinstance(marker, dict) or not marker.get("replaces"):
+        return path
+    target = path.parent / marker["replaces"]
+    kind = marker.get("kind", "run")
+    if target.is_dir() and (folder_kind(target) != kind or _foreign(target, kind)):
+        raise UserError(
+            f"the new result is complete in {str(path)!r}, but {str(target)!r} changed while it "
+            "ran and now holds other files; nothing was replaced: move the files yourself"
+        )
+    trash = path.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        os.rename(target, trash)
+    os.rename(path, target)
+    marker.pop("replaces")
+    write_json(target / MARKER, marker)
+    shutil.rmtree(trash, ignore_errors=True)
+    return target
+
+
+def abandon_out(path: str | Path) -> bool:
+    """After a failed or interrupted new run: keep it when it can be resumed (True), else put
+    the disk back as it was (the folder removed, or emptied of this tool's files if it was an
+    empty folder of the user's) and return False."""
+    path = Path(path)
+    if (path / CHECKPOINT).is_file() or not path.is_dir():
+        return path.is_dir()
+    marker = _read_json(path / MARKER)
+    if not isinstance(marker, dict):
+        return True  # not ours to remove
+    if marker.get("created", False) or marker.get("replaces"):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        for entry in path.iterdir():
+            if entry.name in RUN_FILES or entry.name in COMPARE_FILES:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    return False
 
 
 def prepare_run_dir(out: str | Path, *, overwrite: bool) -> Path:
-    """Create ``out`` for a new run; refuse a folder that already holds a run unless overwrite."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out {str(path)!r} is a file; pass a folder path")
-    if path.is_dir() and any((path / m).exists() for m in RUN_MARKERS):
-        if not overwrite:
-            raise UserError(
-                f"--out {str(path)!r} already holds a run; pick another --out or pass --overwrite"
-            )
-        for m in (*RUN_MARKERS, "history.parquet", "population.parquet", "mask.pt",
-                  "pruned_model.pt", "plots"):  # fmt: skip
-            target = path / m
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """:func:`check_out` then :func:`stage_out`: the folder to write a new run to."""
+    check_out(out, overwrite=overwrite)
+    return stage_out(out)
 
 
 def open_run_dir(path: str | Path) -> Path:
@@ -71,6 +304,38 @@ def open_run_dir(path: str | Path) -> Path:
     p = Path(path)
     if not p.is_dir() or not (p / "config.yaml").is_file():
         raise UserError(f"{str(p)!r} is not a run directory (no config.yaml); pass a run's folder")
+    if not any((p / name).is_file() for name in RUN_MARKERS) and not _resolved_config(p):
+        raise UserError(
+            f"{str(p)!r} is not a run directory (no {MARKER}, report.json, checkpoint.pt or "
+            "resolved config.yaml); pass the --out folder of a prune"
+        )
+    return p
+
+
+# Keys every resolved config.yaml this tool has written holds (a stopped run of an earlier
+# version is recognised by them); a config.yaml of the user's own rarely has them all.
+_CORE_KEYS = frozenset({"dataset", "model", "population_size", "p0", "mutation", "F", "CR",
+                        "kappa", "evolve_every", "patience", "backend"})  # fmt: skip
+
+
+def _resolved_config(path: Path) -> bool:
+    try:
+        loaded = yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
+        return False
+    return isinstance(loaded, dict) and _CORE_KEYS <= set(loaded)
+
+
+def open_resumable(path: str | Path) -> Path:
+    """A run directory that has not finished and has a checkpoint; UserError otherwise."""
+    p = open_run_dir(path)
+    if (p / "report.json").is_file():
+        raise UserError(
+            f"run {str(p)!r} is finished (report.json exists); nothing to resume: see "
+            f"edrop-ray report {p}"
+        )
+    if not (p / CHECKPOINT).is_file():
+        raise UserError(f"{str(p)!r} has no checkpoint.pt to resume from; start a new run")
     return p
 
 
@@ -78,6 +343,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a run's files follow the umask
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -90,6 +356,8 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def save_torch(path: Path, obj: Any) -> None:
     """``torch.save`` through :func:`write_atomic` (load it back with ``weights_only=True``)."""
+    import torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     write_atomic(path, buf.getvalue())
@@ -104,6 +372,9 @@ def write_yaml(path: Path, obj: Any) -> None:
 
 
 def _write_table(path: Path, table: pa.Table) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     write_atomic(path, sink.getvalue().to_pybytes())
@@ -111,22 +382,31 @@ def _write_table(path: Path, table: pa.Table) -> None:
 
 def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     """Per-generation metrics, one row per generation."""
+    import pyarrow as pa
+
     _write_table(path, pa.Table.from_pylist(rows))
 
 
 def pack_states(states: torch.Tensor) -> list[bytes]:
     """(S, D) bool -> S bit-packed byte strings (D/8 bytes each)."""
+    import numpy as np
+
     bits = states.cpu().numpy().astype(np.uint8)
     return [np.packbits(row).tobytes() for row in bits]
 
 
 def unpack_states(packed: list[bytes], num_units: int) -> torch.Tensor:
+    import numpy as np
+    import torch
+
     rows = [np.unpackbits(np.frombuffer(b, dtype=np.uint8))[:num_units] for b in packed]
     return torch.from_numpy(np.stack(rows).astype(bool))
 
 
 def write_population(path: Path, rows: list[dict[str, Any]]) -> None:
     """Population snapshots: columns generation, member, energy, num_units, bits (packed)."""
+    import pyarrow as pa
+
     schema = pa.schema(
         [
             ("generation", pa.int64()),
@@ -156,6 +436,8 @@ def snapshot_rows(generation: int, states: torch.Tensor, energies: torch.Tensor)
 
 def read_population(path: Path) -> dict[int, torch.Tensor]:
     """generation -> (S, D) bool states, from a population.parquet file."""
+    import pyarrow.parquet as pq
+
     table = pq.read_table(path).to_pylist()
     by_gen: dict[int, list[dict]] = {}
     for row in table:
@@ -170,9 +452,12 @@ def read_population(path: Path) -> dict[int, torch.Tensor]:
 
 def save_checkpoint(run_dir: Path, blob: dict[str, Any]) -> None:
     """Atomically replace ``checkpoint.pt`` (the old one stays whole until the new one is)."""
+    import torch
+
     path = run_dir / CHECKPOINT
     fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".checkpoint.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             torch.save(blob, f)
             f.flush()
@@ -185,6 +470,8 @@ def save_checkpoint(run_dir: Path, blob: dict[str, Any]) -> None:
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     """Load ``checkpoint.pt`` with ``weights_only=True``; UserError when missing or corrupt."""
+    import torch
+
     path = run_dir / CHECKPOINT
     if not path.is_file():
         raise UserError(f"{str(run_dir)!r} has no checkpoint.pt to resume from; start a new run")
@@ -195,6 +482,6 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
             f"checkpoint {str(path)!r} is corrupt or truncated ({type(e).__name__}); "
             "restore it from a copy or start a new run"
         ) from e
-    if not isinstance(blob, dict) or blob.get("format") != "edrop_ray.checkpoint/1":
+    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{str(path)!r} is not an edrop_ray checkpoint; start a new run")
     return blob

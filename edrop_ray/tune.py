@@ -307,6 +307,7 @@ def edropout_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
+    from .budget import counter_for
     from .data import load_for
     from .loop import Learner, measure_pruned, run_edropout
     from .search import Search
@@ -315,7 +316,8 @@ def edropout_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, cfg.cpu_threads or int(_trial_cpus(cfg))))
     train_set, test_set, info = load_for(cfg)
     learner = Learner(cfg, train_set, info, _trial_device(cfg))
-    search = Search(cfg, learner.units.num_units)
+    counter = counter_for(cfg, learner.model, learner.units, learner.example)
+    search = Search(cfg, learner.units.num_units, counter=counter)
     last: dict[str, Any] = {}
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -386,6 +388,7 @@ def _check_storage(path: Path, spec: dict[str, Any]) -> bool:
     else; False when it is new or empty."""
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {str(path)!r} is a file; pass a folder path")
+    store.check_writable(path, "--out")  # before Ray starts, not when Tune first writes
     if not path.is_dir() or not any(path.iterdir()):
         return False
     spec_file = path / SPEC_FILE

@@ -10,6 +10,7 @@ import torch
 
 from edrop_ray import DEParams, EDropout
 from edrop_ray import population as pop
+from edrop_ray.config import load_config
 from edrop_ray.search import Search
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +102,8 @@ def test_a_registered_mutation_is_used_by_name():
 
     try:
         assert "keep_a" in pop.mutations()
+        # one function and one name: the run config accepts it too
+        assert load_config(ROOT / "configs/tiny.yaml", ["mutation=keep_a"]).mutation == "keep_a"
         g = torch.Generator().manual_seed(0)
         states = torch.rand(6, 40, generator=g) < 0.5
         trials = pop.ask(states, F=0.9, CR=1.0, mutation="keep_a", generator=g)

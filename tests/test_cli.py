@@ -112,13 +112,13 @@ def test_missing_config_file(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
-def test_nan_loss_stops_with_exit_2_and_keeps_the_run_dir(tmp_path, capsys):
+def test_nan_loss_stops_with_exit_2_and_leaves_the_disk_as_it_was(tmp_path, capsys):
     out = tmp_path / "nan"
     code = main(["prune", "--config", TINY, "--out", str(out), "--quiet", "--set", "lr=1e30"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "lr" in err and len(err.splitlines()) == 1
-    assert (out / "config.yaml").is_file()  # what was saved is kept
-    assert not (out / "report.json").exists()  # and no result is claimed
+    # it failed before its first checkpoint: nothing to resume, so nothing is left behind
+    assert not out.exists()
 
 
 def test_console_entry_point_runs_as_a_module(tmp_path):
@@ -171,3 +171,23 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert store.load_checkpoint(tmp_path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_ctrl_c_names_the_real_folder(tmp_path, monkeypatch, capsys, kept):
+    from edrop_ray import job
+    from edrop_ray.errors import RunInterrupted
+
+    out = tmp_path / "run"
+
+    def interrupted(cfg, out_, **k):
+        raise RunInterrupted(tmp_path / "run.new" if kept else None, out)
+
+    monkeypatch.setattr(job, "prune", interrupted)
+    assert main(["prune", "--config", TINY, "--out", str(out), "--quiet"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "DIR" not in err
+    if kept:
+        assert err.endswith(f"edrop-ray resume {tmp_path / 'run.new'}")
+    else:
+        assert f"{out} is as it was" in err

@@ -181,10 +181,10 @@ class Coordinator:
 
     def __init__(
         self, cfg: Config, num_units: int, evaluators: list, trainer=None,
-        transport: tuple[str, str] = ("object_store", ""),
+        transport: tuple[str, str] = ("object_store", ""), counter=None,
     ):  # fmt: skip
         self.cfg = cfg
-        self.search = Search(cfg, num_units)
+        self.search = Search(cfg, num_units, counter=counter)  # counter: budget.Counter or None
         self.pool = EvaluatorPool(evaluators, cfg.generation_timeout_s)
         self.trainer = trainer
         self.transport, self.backend = transport

@@ -84,7 +84,7 @@ def plan_resources(cfg: Config, cluster: dict[str, float]) -> tuple[int, float, 
 class RayRuntime:
     """The actors of one run, placed on the cluster."""
 
-    def __init__(self, cfg: Config, info: DataInfo, num_units: int):
+    def __init__(self, cfg: Config, info: DataInfo, num_units: int, *, counter=None):
         self.cfg = cfg
         self.started_ray = connect(cfg)
         cluster = ray.cluster_resources()
@@ -153,7 +153,14 @@ class RayRuntime:
         self.coordinator = (
             ray.remote(Coordinator)
             .options(num_cpus=0, scheduling_strategy=here)
-            .remote(cfg, num_units, self.evaluators, self.trainer, (self.transport, backend))
+            .remote(
+                cfg,
+                num_units,
+                self.evaluators,
+                self.trainer,
+                (self.transport, backend),
+                counter=counter,
+            )
         )
         total = ray.get(self.trainer.info.remote(), timeout=_CONTROL_TIMEOUT_S)["total_steps"]
         self.learner = RemoteLearner(cfg, self.trainer, total, self.transport)
