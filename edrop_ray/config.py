@@ -97,6 +97,7 @@ class Config:
     # in process). Set it for bit-identical CPU results across backends: float sums depend on it.
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     weights_every: int = 1  # staleness k: evaluators see weights at most k steps old
+    pipeline: bool = False  # judge a generation while the trainer takes its step (README: Ray)
     generation_timeout_s: float = 120.0
     checkpoint_every: int = 10  # generations between checkpoints; 0 = only at the end
     ray_address: str = ""  # empty = attach to a running cluster/job, else start a local one

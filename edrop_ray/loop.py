@@ -274,18 +274,33 @@ def run_edropout(
     Ray runtime's stand-ins for them (same methods, work done by actors). on_generation gets each
     generation's record; on_checkpoint is called every ``checkpoint_every`` generations' worth of
     training steps.
+
+    Let W_t be the weights before training step t, and let a generation fall due at step t
+    (``t % evolve_every == 0``, search not frozen). Either way the generation is judged on W_t.
+
+    - ``pipeline: false`` (exact): step t trains with the best state of *that* generation.
+    - ``pipeline: true`` (one step stale): step t trains with the best state from before that
+      generation (the previous generation's best; the initial best before the first), so the
+      step and the judging both start from W_t and need nothing from each other. The Ray
+      runtime runs them at the same time; here they run one after the other with the same
+      result. The generation's best takes over from step t+1. Nothing stays in flight across
+      a step, so checkpoints and resume are unchanged.
     """
     cfg = learner.cfg
     ckpt_steps = cfg.checkpoint_every * cfg.evolve_every
     sampler = torch.Generator().manual_seed(cfg.seed + 2)  # train_state: sampled only
     while learner.step < learner.total_steps:
         record = None
+        before = search.best  # with pipeline, what step t trains with
         if not search.frozen and learner.step % cfg.evolve_every == 0:
             t0 = time.perf_counter()
             record = search.run_generation(learner)
             record["energy_seconds"] = time.perf_counter() - t0
-        sampled = cfg.train_state == "sampled" and not search.frozen
-        loss = learner.train(search.sample_member(sampler) if sampled else search.best)
+        if cfg.train_state == "sampled" and not search.frozen:
+            state = search.sample_member(sampler)
+        else:
+            state = before if cfg.pipeline else search.best
+        loss = learner.train(state)
         if record is not None:
             record["step"] = learner.step
             record["train_loss"] = loss

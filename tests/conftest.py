@@ -23,6 +23,53 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+class _SharedRay:
+    """The test session's one local Ray instance, with pinned resources (4 logical CPUs: two
+    evaluators, the trainer and a spare), started by the first module that asks for it."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def start(self) -> str:
+        import ray
+
+        if not (self.started and ray.is_initialized()):
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+            self.started = True
+        return ray.get_runtime_context().gcs_address
+
+    def stop(self) -> None:
+        if not self.started:
+            return  # never imports Ray for modules that do not use it
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        self.started = False
+
+
+@pytest.fixture(scope="session")
+def _shared_ray():
+    shared = _SharedRay()
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(_shared_ray) -> str:
+    """The session's shared Ray instance (its GCS address): modules that set
+    ``SHARED_RAY = True`` use it, and it lives from the first of them to the end of the session."""
+    return _shared_ray.start()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ray_for_this_module(request, _shared_ray):
+    # A module that starts a cluster of its own (several nodes, other resources) must find no
+    # Ray running: the shared instance stops before it and starts again for the next user.
+    if not getattr(request.module, "SHARED_RAY", False):
+        _shared_ray.stop()
+
+
 def randomise_norms(model: torch.nn.Module, seed: int = 0) -> None:
     """Give every BatchNorm non-trivial statistics and affine terms, so a channel that is not
     masked after its BN would show up as non-zero."""

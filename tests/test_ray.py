@@ -1,4 +1,4 @@
-"""The Ray backend against the in-process engine on one shared local cluster.
+"""The Ray backend against the in-process engine on the session's shared local cluster.
 
 Every process pins one torch thread (cpu_threads=1) so that float sums, and so the masks, are
 bit-identical across backends on the CPU.
@@ -26,16 +26,15 @@ from edrop_ray.distributed.runner import RayRuntime, plan_resources
 from edrop_ray.loop import Learner, run_edropout
 
 pytestmark = pytest.mark.ray
+SHARED_RAY = True  # the session's Ray instance (tests/conftest.py: ray_cluster)
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
 SAME = ["cpu_threads=1", "num_evaluators=2", "trainer_cpus=1"]
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+def cluster(ray_cluster):
+    return ray_cluster
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +199,44 @@ def test_lost_trainer_stops_with_a_resume_hint_and_resume_finishes_the_run(
     monkeypatch.undo()
     job.resume(out, quiet=True)
     assert torch.equal(mask_of(out), mask_of(local_run))
+
+
+@pytest.mark.parametrize("transport", ["collective", "object_store"])
+def test_pipeline_ray_backend_equals_local_backend(cluster, tmp_path, transport):
+    """pipeline: true on both backends (the trainer's step and the judging overlap on Ray, run in
+    turn in process): the same one-step-stale rule, so the same mask and energies."""
+    local = tmp_path / "local"
+    job.prune(load_config(TINY, [*SAME, "backend=local", "pipeline=true"]), local, quiet=True)
+    out = tmp_path / "ray"
+    sets = [*SAME, "backend=ray", "pipeline=true", f"weights_transport={transport}"]
+    job.prune(load_config(TINY, sets), out, quiet=True)
+    assert torch.equal(mask_of(out), mask_of(local))
+    ray_hist = pq.read_table(out / "history.parquet").to_pylist()
+    local_hist = pq.read_table(local / "history.parquet").to_pylist()
+    assert len(ray_hist) == len(local_hist)
+    for a, b in zip(ray_hist, local_hist, strict=True):
+        assert a["best_energy"] == pytest.approx(b["best_energy"], abs=1e-6)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+
+
+def test_pool_reruns_the_items_of_a_dead_evaluator_and_keeps_their_order(cluster):
+    from edrop_ray.distributed.pool import EvaluatorPool
+
+    class _Echo:  # defined here: Ray ships it by value (workers cannot import the test module)
+        def identity(self) -> dict:
+            return {"pid": os.getpid()}
+
+        def square(self, item: int) -> tuple[int, int]:
+            return item, item * item
+
+    actors = [ray.remote(_Echo).options(num_cpus=0).remote() for _ in range(3)]
+    pool = EvaluatorPool(actors, timeout_s=60)
+    ray.kill(actors[1], no_restart=True)
+    out = pool.map(lambda actor, item: actor.square.remote(item), 3)
+    assert out == [(0, 0), (1, 1), (2, 4)]
+    assert pool.reruns == 1 and pool.live == [True, False, True]
+    assert pool.healthy() == [0, 2]
+    failed, error = pool.foreach(lambda i, a: a.identity.remote(), [0, 1, 2])
+    assert failed == [1] and error is not None and pool.num_healthy() == 2
+    pool.probe()  # killed for good: stays out
+    assert pool.live == [True, False, True]

@@ -5,7 +5,8 @@
 - :class:`Evaluator` holds a copy of the model and computes the energies of one shard of
   candidates with :func:`~edrop_ray.energy.compute_energies`.
 - :class:`Coordinator` wraps a :class:`~edrop_ray.search.Search`: it splits the candidates of a
-  generation across the live evaluators, re-runs the shards of dead or late ones, and selects.
+  generation into shards, has its :class:`~edrop_ray.distributed.pool.EvaluatorPool` (the
+  evaluators' health: live set, probes, re-runs) judge them, and selects.
 
 The classes are plain; :mod:`edrop_ray.distributed.runner` turns them into actors with the
 resources and placement of the run.
@@ -19,7 +20,6 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
 from ..config import Config
 from ..data import DataInfo, load_for
@@ -29,6 +29,7 @@ from ..loop import Learner
 from ..models import build_replica
 from ..search import Search
 from ..store import pack_states, unpack_states
+from .pool import EvaluatorPool, InputsLost
 from .transport import GroupMember, free_address, rank_identity
 
 __all__ = ["Trainer", "Evaluator", "Coordinator", "InputsLost"]
@@ -170,19 +171,6 @@ class Evaluator:
         return shard, energies, time.perf_counter() - t0
 
 
-class InputsLost(RuntimeError):
-    """The weights or the batch of a generation are gone (their owner, the trainer, died)."""
-
-
-def _inputs_lost(e: Exception) -> bool:
-    # An evaluator's own death is a bare RayActorError. A task error *caused* by a dead actor or
-    # a lost object means an input (made by the trainer) could not be had.
-    if isinstance(e, ObjectLostError):
-        return True
-    cause = getattr(e, "cause", None) if isinstance(e, RayTaskError) else None
-    return isinstance(cause, ObjectLostError | RayActorError)
-
-
 class Coordinator:
     """Owns the population; farms each generation out to the evaluators and selects.
 
@@ -197,13 +185,10 @@ class Coordinator:
     ):  # fmt: skip
         self.cfg = cfg
         self.search = Search(cfg, num_units, counter=counter)  # counter: budget.Counter or None
-        self.evaluators = list(evaluators)
+        self.pool = EvaluatorPool(evaluators, cfg.generation_timeout_s)
         self.trainer = trainer
         self.transport, self.backend = transport
-        self.live = [True] * len(self.evaluators)
-        self.reruns = 0  # shards re-run on another evaluator, over the whole run
         self.lost_in_sync = 0  # evaluators lost while the weights went out
-        self._probes: dict[int, ray.ObjectRef] = {}  # liveness probes of evaluators marked dead
         self.members: list[int] | None = None  # evaluators in the current group, by index
         self.epoch = -1  # the group's formation number
         self.regroups = 0
@@ -231,7 +216,7 @@ class Coordinator:
              "compute_s": self._compute, "select_s": time.perf_counter() - t3}
         )  # fmt: skip
         p = self.search.population
-        record["evaluators"] = sum(self.live)
+        record["evaluators"] = self.pool.num_healthy()
         return {
             "record": record,
             "best": p.best,
@@ -241,54 +226,23 @@ class Coordinator:
         }
 
     # --- the process group
-    def _timeout(self) -> float:
-        return self.cfg.generation_timeout_s
-
-    def _wait_all(self, refs: dict[ray.ObjectRef, int]) -> tuple[list[int], Exception | None]:
-        """Wait for every call (rank -1 is the trainer); the evaluators that failed or hung.
-
-        Raises InputsLost when the trainer itself is gone.
-        """
-        # the calls themselves time out after _timeout(); the margin covers their start
-        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=self._timeout() + 30)
-        failed: list[int] = []
-        error: Exception | None = None
-        for ref, who in refs.items():
-            if ref not in ready:
-                error = error or TimeoutError(f"rank of evaluator {who} hung")
-                if who >= 0:
-                    failed.append(who)
-                continue
-            try:
-                ray.get(ref, timeout=self._timeout())
-            except RayActorError as e:
-                if who < 0:
-                    raise InputsLost(f"the trainer is gone: {e}") from e
-                failed.append(who)
-                error = e
-            except (RayTaskError, GetTimeoutError, ObjectLostError) as e:
-                # a collective that failed because *another* rank died: not this rank's fault,
-                # unless it is an evaluator that is not in the group (restarted)
-                if who >= 0 and ("in no group" in str(e) or "not in group" in str(e)):
-                    failed.append(who)
-                error = error or e
-        return failed, error
-
     def _form_group(self, want: list[int]) -> bool:
         """Destroy the old group and form a new one of the trainer and evaluators ``want``."""
         self.epoch += 1
         self.regroups += 1
-        address = ray.get(self.trainer.group_address.remote(), timeout=self._timeout())
-        world, t, e = len(want) + 1, self._timeout(), self.epoch
-        refs = {self.trainer.join_group.remote(address, 0, world, self.backend, t, e): -1}
-        for rank, i in enumerate(want, start=1):
-            refs[self.evaluators[i].join_group.remote(address, rank, world, self.backend, t, e)] = i
-        failed, error = self._wait_all(refs)
+        t = self.pool.timeout_s
+        address = ray.get(self.trainer.group_address.remote(), timeout=t)
+        world, e = len(want) + 1, self.epoch
+        trainer = self.trainer.join_group.remote(address, 0, world, self.backend, t, e)
+        rank = {i: r for r, i in enumerate(want, start=1)}
+        failed, error = self.pool.foreach(
+            lambda i, ev: ev.join_group.remote(address, rank[i], world, self.backend, t, e),
+            want,
+            others={trainer: -1},
+        )
         ok = not failed and error is None
-        for i in failed:
-            self.live[i] = False
-        for i in want if ok else ():
-            self.live[i] = True
+        if ok:
+            self.pool.set_healthy(want)
         self.members = want if ok else None
         self.synced = -1
         return ok
@@ -296,112 +250,53 @@ class Coordinator:
     def _sync(self, version: int) -> None:
         """Every live evaluator holds weights ``version`` when this returns."""
         error: Exception | None = None
-        for _ in range(2 * len(self.evaluators) + 2):
+        for _ in range(2 * len(self.pool) + 2):
             # with every evaluator marked dead, try them all again (as the shards do)
-            want = [i for i, ok in enumerate(self.live) if ok] or list(range(len(self.live)))
+            want = self.pool.healthy()
             if want != self.members:
                 if not self._form_group(want):
                     continue
             if self.synced == version:
                 return
-            refs = {self.trainer.publish.remote(version, self.epoch): -1}
-            for i in want:
-                refs[self.evaluators[i].receive.remote(version, self.epoch)] = i
-            trainer_ref = next(iter(refs))
-            failed, error = self._wait_all(refs)
+            trainer = self.trainer.publish.remote(version, self.epoch)
+            failed, error = self.pool.foreach(
+                lambda i, ev: ev.receive.remote(version, self.epoch), want, others={trainer: -1}
+            )
             if not failed and error is None:
                 self.synced = version
-                self.sync_log.append(ray.get(trainer_ref, timeout=self._timeout()))
+                self.sync_log.append(ray.get(trainer, timeout=self.pool.timeout_s))
                 return
-            for i in failed:
-                self.live[i] = False
-                self.lost_in_sync += 1
+            self.lost_in_sync += len(failed)
             self.members = None  # a broadcast failed: the group is re-formed
         raise RuntimeError(f"no evaluator could receive weights {version}: {error!r}")
+
+    def sync(self, version: int) -> None:
+        """Every live evaluator holds weights ``version`` when this returns (a no-op without
+        the collective transport). The pipelined driver syncs before the trainer steps."""
+        if self.transport == "collective":
+            self._sync(version)
 
     def rejoin(self, version: int, timeout_s: float) -> dict[str, int]:
         """Wait up to ``timeout_s`` for evaluators marked dead to come back, then send them
         weights ``version`` (the trainer's current step): how a restarted evaluator rejoins
         between generations, on demand."""
         deadline = time.monotonic() + timeout_s
-        while not all(self.live) and time.monotonic() < deadline:
-            self._revive()
+        while self.pool.num_healthy() < len(self.pool) and time.monotonic() < deadline:
+            self.pool.probe()
             time.sleep(0.2)
         if self.transport == "collective":
             self._sync(version)
         return self.stats()
 
     def _evaluate(self, candidates, batch_ref, weights, version) -> torch.Tensor:
-        alive = [i for i, ok in enumerate(self.live) if ok] or list(range(len(self.evaluators)))
         # never more shards than candidates: an evaluator with nothing to judge is left idle
-        alive = alive[: candidates.shape[0]]
-        shards = [pack_states(s) for s in torch.tensor_split(candidates, len(alive))]
-        results: dict[int, torch.Tensor] = {}
-        pending: dict[ray.ObjectRef, tuple[int, int]] = {}
-
-        def submit(shard: int, worker: int) -> None:
-            ref = self.evaluators[worker].evaluate.remote(
-                shard, shards[shard], batch_ref, weights, version
-            )
-            pending[ref] = (shard, worker)
-
-        for shard, worker in enumerate(alive):
-            submit(shard, worker)
-        deadline = time.monotonic() + self.cfg.generation_timeout_s
-        turn = 0
-        last_error: Exception | None = None
-        while pending:
-            timeout = max(0.0, deadline - time.monotonic())
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
-            failed: list[tuple[int, int]] = []
-            if not ready:  # the generation's time is up: whoever is still out is late
-                failed = list(pending.values())
-                pending.clear()
-            for ref in ready:
-                shard, worker = pending.pop(ref)
-                try:
-                    index, energies, seconds = ray.get(ref, timeout=self.cfg.generation_timeout_s)
-                    results[index] = energies
-                    self._compute.append(seconds)
-                except (RayActorError, RayTaskError, GetTimeoutError, ObjectLostError) as e:
-                    if _inputs_lost(e):  # not the evaluator's fault: no one can judge this batch
-                        raise InputsLost(f"the generation's weights or batch are gone: {e}") from e
-                    failed.append((shard, worker))
-                    last_error = e
-            for shard, worker in failed:
-                self.live[worker] = False
-                others = [i for i, ok in enumerate(self.live) if ok]
-                if not others:
-                    raise RuntimeError(
-                        f"every evaluator failed or timed out in this generation: {last_error!r}"
-                    )
-                self.reruns += 1
-                submit(shard, others[turn % len(others)])
-                turn += 1
-            if failed:
-                deadline = time.monotonic() + self.cfg.generation_timeout_s
-        self._revive()
-        return torch.cat([results[i] for i in range(len(shards))])
-
-    def _revive(self) -> None:
-        """Give evaluators marked dead another chance once Ray has restarted them.
-
-        A probe is sent once and only looked at (timeout 0) each generation, so an evaluator
-        whose node is gone for good never makes the generations wait.
-        """
-        for i, ok in enumerate(self.live):
-            if ok:
-                continue
-            probe = self._probes.setdefault(i, self.evaluators[i].identity.remote())
-            ready, _ = ray.wait([probe], timeout=0)
-            if not ready:
-                continue
-            del self._probes[i]
-            try:
-                ray.get(probe, timeout=1.0)
-                self.live[i] = True
-            except (RayActorError, RayTaskError, GetTimeoutError):
-                pass  # still down: a new probe goes out next generation
+        n = min(len(self.pool.healthy()), candidates.shape[0])
+        shards = [pack_states(s) for s in torch.tensor_split(candidates, n)]
+        results = self.pool.map(
+            lambda ev, k: ev.evaluate.remote(k, shards[k], batch_ref, weights, version), n
+        )
+        self._compute = [seconds for _k, _energies, seconds in results]
+        return torch.cat([energies for _k, energies, _seconds in results])
 
     def timing_log(self) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
         """Per generation: seconds in weight sync, propose, evaluate (wall), each shard's
@@ -409,12 +304,12 @@ class Coordinator:
         return [dict(t) for t in self.timings], [dict(t) for t in self.sync_log]
 
     def live_evaluators(self) -> int:
-        return sum(self.live)
+        return self.pool.num_healthy()
 
     def stats(self) -> dict[str, Any]:
         return {
-            "live": sum(self.live),
-            "reruns": self.reruns,
+            "live": self.pool.num_healthy(),
+            "reruns": self.pool.reruns,
             "lost_in_sync": self.lost_in_sync,
             "regroups": self.regroups,
             "members": list(self.members or []),

@@ -202,6 +202,7 @@ class RemoteLearner:
         self.step = 0
         self._weights: list[ray.ObjectRef] | None = None
         self._weights_step = -1
+        self._pending: tuple[torch.Tensor, ray.ObjectRef] | None = None  # a step under way
 
     def energy_batch(self) -> ray.ObjectRef:
         # Stays in the object store: the evaluators fetch it, the driver never does.
@@ -216,8 +217,21 @@ class RemoteLearner:
             self._weights_step = self.step
         return self._weights, self._weights_step
 
+    def start_train(self, state: torch.Tensor) -> None:
+        """Submit the next step with ``state`` now (pipeline); :meth:`train` collects it."""
+        if self._pending is not None:
+            raise RuntimeError("a training step is already under way")
+        self._pending = (state, self.trainer.train.remote(state))
+
     def train(self, state: torch.Tensor) -> float:
-        loss = ray.get(self.trainer.train.remote(state), timeout=_CONTROL_TIMEOUT_S)
+        if self._pending is None:
+            ref = self.trainer.train.remote(state)
+        else:  # the step started with the generation: it must be the step asked for
+            started, ref = self._pending
+            self._pending = None
+            if not torch.equal(started, state):
+                raise RuntimeError("the pipelined step was started with another state")
+        loss = ray.get(ref, timeout=_CONTROL_TIMEOUT_S)
         self.step += 1
         return loss
 
@@ -263,11 +277,25 @@ class RemoteSearch:
         self.frozen = frozen
 
     def run_generation(self, learner: RemoteLearner) -> dict[str, Any]:
+        """One generation on the trainer's current weights W_t (t = ``learner.step``).
+
+        With ``pipeline`` the trainer's step t, with the best state from before this
+        generation (the rule of :func:`~edrop_ray.loop.run_edropout`), is submitted as soon as
+        the generation's inputs are fixed, and runs while the evaluators judge; the loop's
+        ``learner.train`` then only collects its loss. The weights ref and the batch are asked
+        of the trainer before the step (an actor runs one caller's calls in order); a
+        broadcast must leave the trainer before the step changes its weights, so with the
+        collective transport the sync comes first and only the judging overlaps the step.
+        """
         weights, version = learner.weights()
-        out = ray.get(
-            self.coordinator.generation.remote([learner.energy_batch()], weights, version),
-            timeout=self.cfg.generation_timeout_s * 3 + _CONTROL_TIMEOUT_S,
-        )
+        batch = learner.energy_batch()
+        timeout = self.cfg.generation_timeout_s * 3 + _CONTROL_TIMEOUT_S
+        if self.cfg.pipeline and learner.transport == "collective":
+            ray.get(self.coordinator.sync.remote(version), timeout=timeout)
+        ref = self.coordinator.generation.remote([batch], weights, version)
+        if self.cfg.pipeline:
+            learner.start_train(self.best)
+        out = ray.get(ref, timeout=timeout)
         record = out["record"]
         self._apply(out["best"], out["states"], out["energies"], record["frozen"])
         self.generation = record["generation"]
