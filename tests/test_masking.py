@@ -50,10 +50,13 @@ def test_masked_unit_outputs_zero_and_gets_zero_gradient(grid_model):
         for p in probes:
             p.remove()
         masker.remove()
+    checked = 0
     for layer, unit_of in units.mask_points.items():
         off = ~state[unit_of]
-        assert off.any() or state[unit_of].all()
+        checked += int(off.any())
         assert torch.count_nonzero(seen[layer][:, off]) == 0, f"{name}:{layer} leaks"
+    # the check means something only where the state switched channels off: at most points
+    assert checked >= len(units.mask_points) // 2, f"{name}: only {checked} points were masked"
     for layer, unit_of in units.channel_units.items():
         off = ~state[unit_of]
         for p in modules[layer].parameters(recurse=False):
