@@ -153,6 +153,25 @@ def test_the_whole_loop_on_another_device_ends_with_the_cpu_mask(data):
     assert torch.equal(got[0], want[0])
 
 
+def test_bn_recalibration_on_another_device_matches_the_cpu(data):
+    """bn_recalibrate with CPU states and the model on another device: same statistics."""
+    train_set, _test, info = data
+    cfg = tiny()
+    state = torch.rand(Learner(cfg, train_set, info, CPU).units.num_units) < 0.5
+
+    def stats(device: torch.device) -> dict[str, torch.Tensor]:
+        learner = Learner(cfg, train_set, info, device)
+        learner.recalibrate_bn(state, 2)
+        return {k: v.cpu() for k, v in learner.model.state_dict().items() if "running" in k}
+
+    want = stats(CPU)
+    with other_device() as dev:
+        got = stats(dev)
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+
+
 def test_the_actors_code_runs_on_another_device(data, monkeypatch):
     """The trainer and evaluator actors' own methods, called in process (no Ray cluster)."""
     from edrop_ray.distributed import actors
