@@ -8,7 +8,11 @@ Within a time budget (default 300 s), on one GPU:
 2. ``edrop-ray prune`` on the default config with ``device=cuda``, on the local and
    the Ray backend, with amp none and with bf16 + channels_last; each run must finish and write a
    sane report;
-3. ``bench_energy.py`` on the device (amp none and bf16): batched vs looped, masked vs dense.
+3. ``bench_energy.py`` on the device (amp none and bf16): batched vs looped, masked vs dense;
+4. the inputs of ``bench_scale.py --gpu-json``: ResNet-50 at 32 px, the time of one candidate's
+   energy (32 candidates x 64 images in one batched pass) and of one masked training step (batch
+   64), fp32 and bf16; the fp32 pair is written at the JSON's top level
+   (``energy_ms_per_candidate``, ``train_step_ms``).
 
 It writes one JSON of figures (with the card's name) and prints one verdict line: PASS, or FAIL
 and why; the exit status is 0 on PASS, 1 on FAIL. The speed targets (batched >= 5x looped,
@@ -30,6 +34,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +298,56 @@ def energy_bench(check: Check, args, device: str, out: Path) -> dict[str, Any]:
     return figures
 
 
+def scale_inputs(device_name: str, dry_run: bool) -> dict[str, Any]:
+    """ResNet-50 per-candidate energy and training-step times: ``bench_scale.py``'s GPU inputs."""
+    import torch
+
+    from edrop_ray.energy import compute_energies
+    from edrop_ray.masking import Masker
+    from edrop_ray.models import build_model, example_input
+    from edrop_ray.train import build_optimizer, train_step
+    from edrop_ray.units import discover_units
+
+    device = torch.device(device_name)
+    model_name, size, batch, cands, repeats = ("resnet50", 32, 64, 32, 5)
+    if dry_run:
+        model_name, size, batch, cands, repeats = ("resnet18", 16, 8, 4, 1)
+    torch.manual_seed(0)
+    model = build_model(model_name, num_classes=10, in_channels=3)
+    units = discover_units(model, example_input(3, size))
+    model = model.to(device)
+    masker = Masker(model, units)
+    g = torch.Generator().manual_seed(2)
+    states = torch.rand(cands, units.num_units, generator=g) < 0.5
+    x = torch.randn(batch, 3, size, size, generator=g).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    opt = build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def timed(fn) -> float:
+        fn()  # warm-up (cuDNN autotuning, allocator)
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2] * 1000.0
+
+    out: dict[str, Any] = {"model": model_name, "input_size": size, "batch": batch}
+    out["candidates"] = cands
+    for amp in ("none", "bf16"):
+        model.eval()
+        e_ms = timed(lambda amp=amp: compute_energies(model, masker, states, x, y, amp=amp))
+        model.train()
+        t_ms = timed(lambda amp=amp: train_step(model, opt, masker, states[0], x, y, amp=amp))
+        out[amp] = {"energy_ms_per_candidate": e_ms / cands, "train_step_ms": t_ms}
+    masker.remove()
+    return out
+
+
 def main() -> int:
     args = parse_args()
     device = args.device or ("cpu" if args.dry_run else "cuda")
@@ -314,14 +369,27 @@ def main() -> int:
         if device.startswith("cuda") and not torch.cuda.is_available():
             check.fail("no CUDA GPU is visible (run with --dry-run to check the script on a CPU)")
         else:
-            t0 = time.perf_counter()
             sizes = (16, 8) if args.dry_run else (32, 16)
-            result["invariants"] = inv = invariants(device, *sizes)
-            result["invariants_s"] = time.perf_counter() - t0
-            check_invariants(check, inv)
-            result["runs"] = prune_runs(check, args, device, out)
-            result["energy_bench"] = energy_bench(check, args, device, out)
-    except Exception as e:  # a crash is a verdict too, and still leaves the JSON
+            # each phase on its own: a crash in one is a failure, and the others still run
+            phases = [
+                ("invariants", lambda: invariants(device, *sizes)),
+                ("scale_inputs", lambda: scale_inputs(device, args.dry_run)),
+                ("runs", lambda: prune_runs(check, args, device, out)),
+                ("energy_bench", lambda: energy_bench(check, args, device, out)),
+            ]
+            for name, phase in phases:
+                t0 = time.perf_counter()
+                try:
+                    result[name] = phase()
+                except Exception as e:  # a crash is a verdict too, and still leaves the JSON
+                    check.fail(f"{name}: {type(e).__name__}: {e}".splitlines()[0][:300])
+                    traceback.print_exc()
+                result[f"{name}_s"] = time.perf_counter() - t0
+            if "invariants" in result:
+                check_invariants(check, result["invariants"])
+            if "scale_inputs" in result:  # the keys bench_scale.py --gpu-json reads
+                result.update(result["scale_inputs"]["none"])
+    except Exception as e:
         check.fail(f"{type(e).__name__}: {e}".splitlines()[0][:300])
         env = result.get("environment", {})
     result["wall_s"] = time.monotonic() - check.t0
