@@ -69,7 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
         "pruning baselines fine-tune after the whole dense budget",
     )
     c.add_argument("--seeds", help="e.g. 0,1,2: every arm per seed, then mean ± std")
-    c.add_argument("--arms", help="comma-separated subset of the arms (dense and edropout always)")
+    c.add_argument(
+        "--arms",
+        help=(
+            "comma-separated arms (dense and edropout always run): dense, edropout, magnitude, "
+            "random, random-mask, edropout-s4, frozen-first-gen (the default set), and "
+            "paper-schedule (evolve_every 1, S 16; only when named)"
+        ),
+    )
     c.add_argument(
         "--reuse", action="store_true", help="with --seeds: keep seeds already finished in --out"
     )

@@ -25,6 +25,8 @@ and the same seeded data order (:meth:`Learner.train_batch`). T is the configure
 * **frozen-first-gen**: EDropout stopped after its first generation (``max_generations=1``): the
   best of generation 1 (same seed, so the same first generation as **edropout**) trained from
   then on, T steps in all. It asks "does evolving past the first selection buy anything?".
+* **paper-schedule** (only when ``--arms`` names it): EDropout with the paper's schedule, a
+  generation at every training step (``evolve_every: 1``) and S = 16, T steps in all.
 
 Budgets (``--budget``):
 
@@ -111,12 +113,16 @@ __all__ = [
     "finetune_budget",
     "parse_seeds",
     "METHODS",
+    "DEFAULT_ARMS",
     "BUDGETS",
 ]
 
 METHODS = (
     "dense", "edropout", "magnitude", "random", "random-mask", "edropout-s4", "frozen-first-gen",
+    "paper-schedule",
 )  # fmt: skip
+# paper-schedule costs S = 16 energies at every step: it runs when --arms names it
+DEFAULT_ARMS = tuple(m for m in METHODS if m != "paper-schedule")
 REQUIRED = ("dense", "edropout")  # every other arm is measured against these two
 BUDGETS = ("equal-steps", "equal-finetune")
 OUTPUTS = ("compare.json", "compare.md", "accuracy_vs_params.png")
@@ -126,6 +132,7 @@ _RUN_ARMS = {
     "edropout": (EDROPOUT_DIR, {}),
     "edropout-s4": ("edropout-s4", {"population_size": 4}),
     "frozen-first-gen": ("frozen-first-gen", {"max_generations": 1}),
+    "paper-schedule": ("paper-schedule", {"evolve_every": 1, "population_size": 16}),
 }
 _PRUNABLE = (nn.Conv2d, nn.Linear)
 
@@ -148,7 +155,7 @@ def parse_seeds(text: str | None) -> list[int] | None:
 
 def _parse_arms(text: str | None) -> tuple[str, ...]:
     if text is None:
-        return METHODS
+        return DEFAULT_ARMS
     arms = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [a for a in arms if a not in METHODS]
     if unknown:
@@ -467,7 +474,7 @@ def compare(
     out: str | Path,
     *,
     budget: str = "equal-steps",
-    arms: Sequence[str] = METHODS,
+    arms: Sequence[str] = DEFAULT_ARMS,
     overwrite: bool = False,
     quiet: bool = False,
 ) -> dict:
@@ -569,7 +576,7 @@ def compare(
     if "random-mask" in arms:
         _say(console, f"compare: random mask of {target} parameters, {total_steps} steps")
         rows.append(_random_mask(cfg, data, device, target=target, params_dense=params_dense))
-    for method in ("edropout-s4", "frozen-first-gen"):
+    for method in ("edropout-s4", "frozen-first-gen", "paper-schedule"):
         if method in arms:
             _say(console, f"compare: {method}")
             arm_report, arm_history, arm_counted = _edropout_run(
@@ -625,7 +632,7 @@ def compare_seeds(
     seeds: Sequence[int],
     *,
     budget: str = "equal-steps",
-    arms: Sequence[str] = METHODS,
+    arms: Sequence[str] = DEFAULT_ARMS,
     overwrite: bool = False,
     reuse: bool = False,
     quiet: bool = False,
@@ -794,7 +801,8 @@ def _budget_note(budget: str, total: int, finetune: Any, start: Any) -> str:
             f"count and fine-tuned {finetune} steps (the steps EDropout trained its final mask). "
             "random-mask trains a random state of EDropout's parameter count from step 0; "
             "edropout-s4 is EDropout with S = 4; frozen-first-gen keeps the best state of "
-            "generation 1. Steps are counted optimiser steps."
+            "generation 1; paper-schedule evolves at every step with S = 16. Steps are counted "
+            "optimiser steps."
         )
     return (
         f"Budget: equal-finetune. Dense, EDropout and the controls train {total} steps. Magnitude "

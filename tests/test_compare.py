@@ -13,7 +13,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from edrop_ray.cli import main
 from edrop_ray.compare import (
-    METHODS,
+    DEFAULT_ARMS,
     finetune_budget,
     fit_param_count,
     group_l1_scores,
@@ -70,11 +70,11 @@ def test_writes_json_markdown_and_plot_with_a_row_per_arm(comparison):
     out, result, _ = comparison
     for name in OUTPUTS:
         assert (out / name).is_file(), name
-    assert [r["method"] for r in result["rows"]] == list(METHODS)
+    assert [r["method"] for r in result["rows"]] == list(DEFAULT_ARMS)
     assert (out / "accuracy_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = [line for line in (out / "compare.md").read_text().splitlines() if line.startswith("|")]
-    assert len(table) == 2 + len(METHODS)  # header, rule, one line per method
-    assert all(m in "\n".join(table) for m in METHODS)
+    assert len(table) == 2 + len(DEFAULT_ARMS)  # header, rule, one line per method
+    assert all(m in "\n".join(table) for m in DEFAULT_ARMS)
     for r in result["rows"]:
         assert 0.0 <= r["top1"] <= r["top5"] <= 100.0
         assert r["params"] > 0 and r["macs"] > 0 and r["wall_s"] > 0
@@ -141,6 +141,25 @@ def test_equal_finetune_gives_the_baselines_the_whole_dense_budget_too(tmp_path)
     assert _row(result, "magnitude")["train_steps"] == dense + magnitude
     assert 0 < magnitude < dense
     assert "equal-finetune" in (out / "compare.md").read_text()
+
+
+def test_the_paper_schedule_arm_evolves_at_every_step_with_16_members(tmp_path):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--config", TINY, *FAST, "--out", str(out), "--quiet",
+            "--arms", "paper-schedule"]  # fmt: skip
+    counts = _run_counting(argv)
+    result = json.loads((out / "compare.json").read_text())
+    assert [r["method"] for r in result["rows"]] == ["dense", "edropout", "paper-schedule"]
+    dense, edrop, paper = counts
+    assert dense == edrop == paper == result["total_steps"]
+    assert _row(result, "paper-schedule")["train_steps"] == paper
+    cfg = (out / "paper-schedule" / "config.yaml").read_text()
+    assert "population_size: 16" in cfg and "evolve_every: 1" in cfg
+    steps = [
+        r["step"] for r in pq.read_table(out / "paper-schedule" / "history.parquet").to_pylist()
+    ]
+    assert len(steps) == 3  # max_generations=3 of FAST
+    assert steps == list(range(steps[0], steps[0] + 3))  # a generation at every step
 
 
 def test_dynamics_are_recorded_per_generation(comparison):
