@@ -160,6 +160,12 @@ def verdict(rows: list[dict[str, Any]], big: int = 64, small: int = 8) -> dict[s
         f"Is a population of {big} worth {big // small if big % small == 0 else big / small}x "
         f"the energy evaluations of {small}?"
     )
+    if big == small:
+        return {
+            "question": question,
+            "outcome": "unanswered",
+            "sentence": "One population size only: nothing to compare.",
+        }
     a, b = by_size.get(big), by_size.get(small)
     if a is None or b is None or not a["n"] or not b["n"]:
         return {
@@ -252,7 +258,7 @@ def markdown(
         "time (report.json wall_s, the dense baseline not included).",
     ]
     if missing:
-        lines += ["", f"Left out of the means ({len(missing)} runs):", ""]
+        lines += ["", f"Left out of the means (runs: {len(missing)}):", ""]
         for m in missing:
             tail = " ".join(m["log_tail"].split())[-300:]
             rc = "" if m["rc"] is None else f", exit {m['rc']}"
