@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -143,3 +144,20 @@ def test_plot_is_written(tmp_path, bench):
     build(tmp_path, bench, {(8, 0): 80.0, (8, 1): 82.0, (64, 0): 90.0, (64, 1): 91.0})
     bench.summarise(tmp_path, [8, 64], [0, 1])
     assert (tmp_path / "population.png").stat().st_size > 1000
+
+
+def test_wall_time_leaves_out_the_dense_training(tmp_path, bench):
+    build(tmp_path, bench, {(8, 0): 80.0, (64, 0): 90.0})
+    # S=8 seed 0 trained the seed's dense baseline (5 s, see fake_run) into the cache after it
+    # started; S=64 seed 0 found it there
+    cache = tmp_path / "cache" / "dense"
+    cache.mkdir(parents=True)
+    (cache / "key.json").write_text(json.dumps({"top1": 90.0, "top5": 99.0, "wall_s": 5.0}))
+    written = (cache / "key.json").stat().st_mtime
+    for size, started in ((8, written - 100), (64, written + 100)):
+        config = bench.run_dir(tmp_path, size, 0) / "config.yaml"
+        config.write_text("seed: 0\n")
+        os.utime(config, (started, started))
+    runs, _missing = bench.collect(tmp_path, [8, 64], [0])
+    assert runs[8][0]["trained_dense"] and runs[8][0]["wall_s"] == pytest.approx(5.0)
+    assert not runs[64][0]["trained_dense"] and runs[64][0]["wall_s"] == pytest.approx(10.0)
