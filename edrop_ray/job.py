@@ -27,6 +27,7 @@ from .errors import RunInterrupted, UserError
 from .loop import Learner, measure_pruned, resolve_device, run_dense, run_edropout
 from .report import Progress, print_summary, write_plots
 from .search import Search
+from .seeds import STREAMS_VERSION
 from .slim import kept_per_layer, save_pruned
 
 __all__ = ["prune", "resume", "dense_baseline", "train_dense", "load_data", "check_inputs"]
@@ -56,8 +57,10 @@ def data_fingerprint(train_set, test_set, samples: int = 16) -> str:
 
 def dense_cache_path(cfg: Config, train_set, test_set) -> Path:
     # The key holds the config fields that change what the dense model learns, the package
-    # version (a new version may train differently) and the data's fingerprint.
-    key = f"{dense_key(cfg)}-{__version__}-{data_fingerprint(train_set, test_set)}"
+    # version (a new version may train differently), the random streams' version (a new
+    # derivation gives other initial weights and data order) and the data's fingerprint.
+    fingerprint = data_fingerprint(train_set, test_set)
+    key = f"{dense_key(cfg)}-{__version__}-s{STREAMS_VERSION}-{fingerprint}"
     return _cache_dir() / "dense" / f"{key}.json"
 
 
