@@ -9,8 +9,10 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from edrop_ray import job
 from edrop_ray.config import load_config
 from edrop_ray.data import load_datasets, load_for
+from edrop_ray.errors import UserError
 from edrop_ray.loop import Learner
 from edrop_ray.search import Search
 from edrop_ray.seeds import STREAMS, STREAMS_VERSION, stream, stream_seed
@@ -110,3 +112,10 @@ def test_the_data_split_is_stable_for_a_seed():
     c, _, _ = load_datasets("digits", data_root="unused", seed=4)
     assert torch.equal(a.tensors[0], b.tensors[0]) and torch.equal(a.tensors[1], b.tensors[1])
     assert not torch.equal(a.tensors[1], c.tensors[1])
+
+
+def test_a_checkpoint_from_other_streams_is_not_resumed(tmp_path):
+    job.check_streams({"streams": STREAMS_VERSION}, tmp_path)
+    for old in ({}, {"streams": STREAMS_VERSION - 1}):  # no field: written before named streams
+        with pytest.raises(UserError, match="random streams version"):
+            job.check_streams(old, tmp_path)
