@@ -98,6 +98,7 @@ from . import job, store  # noqa: E402
 from .config import Config, config_to_dict, load_config  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .loop import Learner, measure_pruned  # noqa: E402
+from .seeds import stream  # noqa: E402
 from .slim import count_params_macs, slim_model  # noqa: E402
 from .train import build_optimizer  # noqa: E402
 from .units import Units, build_dependency, find_classifier  # noqa: E402
@@ -391,7 +392,7 @@ def _baseline(
 
 
 def _random_scores(cfg: Config, units: Units) -> torch.Tensor:
-    return torch.rand(units.num_units, generator=torch.Generator().manual_seed(cfg.seed))
+    return torch.rand(units.num_units, generator=stream(cfg.seed, "baseline_ranking"))
 
 
 def _random_mask(cfg: Config, data, device, *, target: int, params_dense: int) -> dict[str, Any]:

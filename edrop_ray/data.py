@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision import datasets, transforms
 
 from edrop_ray.errors import UserError
+from edrop_ray.seeds import stream
 
 __all__ = ["DATASETS", "DataInfo", "load_datasets", "load_for", "make_loader"]
 
@@ -222,7 +223,7 @@ def _split_tensors(
     images: torch.Tensor, labels: torch.Tensor, seed: int
 ) -> tuple[TensorDataset, TensorDataset]:
     """Seeded 80/20 split, normalised with the train part's mean and std (no test leakage)."""
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(len(images), generator=stream(seed, "data_split"))
     cut = int(len(images) * _TRAIN_FRACTION)
     train_idx, test_idx = order[:cut], order[cut:]
     mean, std = images[train_idx].mean(), images[train_idx].std().clamp_min(1e-8)

@@ -27,6 +27,7 @@ from .errors import RunInterrupted, UserError
 from .loop import Learner, measure_pruned, resolve_device, run_dense, run_edropout
 from .report import Progress, print_summary, write_plots
 from .search import Search
+from .seeds import STREAMS_VERSION
 from .slim import kept_per_layer, save_pruned
 
 __all__ = ["prune", "resume", "dense_baseline", "train_dense", "load_data", "check_inputs"]
@@ -56,8 +57,10 @@ def data_fingerprint(train_set, test_set, samples: int = 16) -> str:
 
 def dense_cache_path(cfg: Config, train_set, test_set) -> Path:
     # The key holds the config fields that change what the dense model learns, the package
-    # version (a new version may train differently) and the data's fingerprint.
-    key = f"{dense_key(cfg)}-{__version__}-{data_fingerprint(train_set, test_set)}"
+    # version (a new version may train differently), the random streams' version (a new
+    # derivation gives other initial weights and data order) and the data's fingerprint.
+    fingerprint = data_fingerprint(train_set, test_set)
+    key = f"{dense_key(cfg)}-{__version__}-s{STREAMS_VERSION}-{fingerprint}"
     return _cache_dir() / "dense" / f"{key}.json"
 
 
@@ -184,6 +187,7 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> dict:
     blob = store.load_checkpoint(path)
     cfg = config_from_dict(blob.get("config"), f"the checkpoint of {str(path)!r}")
     _check_config_file(path, blob["config"])
+    check_streams(blob, path)
     data = load_data(cfg)
     device = check_inputs(cfg, data)
     marker = store.read_marker(path)
@@ -195,6 +199,19 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> dict:
         raise RunInterrupted(path, path) from None
     store.commit_out(path)
     return report
+
+
+def check_streams(blob: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint whose run drew from other random streams (:mod:`edrop_ray.seeds`):
+    its data order and dropout would change mid-run, so it could not end where an unbroken run
+    does. Checkpoints without the field predate the named streams (version 0)."""
+    written = blob.get("streams", 0)
+    if written != STREAMS_VERSION:
+        raise UserError(
+            f"the checkpoint of {str(path)!r} was written with random streams version {written}, "
+            f"this edrop_ray draws from version {STREAMS_VERSION}; resuming would not reproduce "
+            "the run. Finish it with the edrop_ray that started it, or start a new run"
+        )
 
 
 def _check_config_file(path: Path, started: dict[str, Any]) -> None:
@@ -244,6 +261,7 @@ def _execute(cfg, run_dir: Path, data, device, *, checkpoint: dict | None, quiet
             run_dir,
             {
                 "format": store.CHECKPOINT_FORMAT,
+                "streams": STREAMS_VERSION,  # the random streams the run draws from
                 "config": config_to_dict(cfg),
                 "learner": learner.state_dict(),
                 "search": search.state_dict(),

@@ -3,8 +3,9 @@
 :class:`Learner` owns the model, its optimiser and the data order; :class:`~edrop_ray.search.Search`
 owns the population. :func:`run_edropout` alternates them on one machine; the Ray runtime drives
 the very same two objects from its actors. Everything that can make a run differ (data order,
-energy batches, the population's draws) comes from seeded generators whose state is checkpointed,
-so a resumed run ends where an uninterrupted one does.
+energy batches, the population's draws, dropout) comes from a named stream of the one seed
+(:mod:`edrop_ray.seeds`); the generators' state is checkpointed, so a resumed run ends where an
+uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .devices import resolve_device  # re-exported: the CLI, job and compare imp
 from .energy import compute_energies
 from .errors import UserError
 from .models import build_replica
+from .seeds import stream, stream_seed
 from .slim import count_params_macs, slim_model
 from .train import build_optimizer, evaluate, train_step
 
@@ -72,14 +74,17 @@ class Learner:
         self.train_set = train_set
         self.info = info
         self.device = device
-        torch.manual_seed(cfg.seed)  # the weights' initialisation
+        torch.manual_seed(stream_seed(cfg.seed, "init"))  # the weights' initialisation
         replica = build_replica(cfg, info, device)
         self.model, self.units, self.masker = replica.model, replica.units, replica.masker
         self.example, self.memory_format = replica.example, replica.memory_format
         # Dropout (AlexNet, SqueezeNet) draws from torch's global generator. The learner keeps
         # that generator's state as its own, swaps it in around each training step and saves it
-        # in checkpoints, so a resumed run draws the same dropout masks as an unbroken one.
-        self.rng_state = self._global_rng_state()
+        # in checkpoints, so a resumed run draws the same dropout masks as an unbroken one. It
+        # starts on its own stream, not where the initialisation left the global generator.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(stream_seed(cfg.seed, "dropout"))
+            self.rng_state = self._global_rng_state()
         self.optimizer = build_optimizer(
             self.model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
@@ -92,7 +97,7 @@ class Learner:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.step = 0
         self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
-        self.energy_generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.energy_generator = stream(cfg.seed, "energy_batch")
 
     def _global_rng_state(self) -> dict[str, torch.Tensor]:
         state = {"cpu": torch.get_rng_state()}
@@ -120,7 +125,7 @@ class Learner:
         batch can be found again after a resume."""
         epoch, k = divmod(step, self.steps_per_epoch)
         if self._perm_epoch != epoch:  # one permutation per epoch, not per step
-            g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+            g = stream(self.cfg.seed, "data_order", epoch)
             self._perm = torch.randperm(len(self.train_set), generator=g)
             self._perm_epoch = epoch
         bs = self.cfg.batch_size
@@ -194,7 +199,7 @@ class Learner:
             m.momentum = None  # cumulative average over the batches seen
             m.train()
         order = torch.randperm(
-            len(self.train_set), generator=torch.Generator().manual_seed(self.cfg.seed + 2)
+            len(self.train_set), generator=stream(self.cfg.seed, "bn_recalibrate")
         )
         try:
             with self.masker.applied(state):
@@ -288,7 +293,7 @@ def run_edropout(
     """
     cfg = learner.cfg
     ckpt_steps = cfg.checkpoint_every * cfg.evolve_every
-    sampler = torch.Generator().manual_seed(cfg.seed + 2)  # train_state: sampled only
+    sampler = stream(cfg.seed, "train_state")  # train_state: sampled only
     while learner.step < learner.total_steps:
         record = None
         before = search.best  # with pipeline, what step t trains with

@@ -20,6 +20,7 @@ from .budget import Counter, repair_budget
 from .config import Config
 from .energy import macs_penalty
 from .errors import UserError
+from .seeds import stream
 
 __all__ = ["DEParams", "Search"]
 
@@ -67,7 +68,7 @@ class Search:
         self.num_units = num_units
         self.counter = counter
         self.max_params, self.max_macs = _budgets(cfg, counter, num_units)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.generator = stream(cfg.seed, "population")
         states = pop.init_states(
             size=cfg.population_size, num_units=num_units, p0=cfg.p0, generator=self.generator
         )

@@ -27,6 +27,7 @@ from edrop_ray import job, store
 from edrop_ray.cli import main
 from edrop_ray.config import Config, config_to_dict
 from edrop_ray.errors import RunInterrupted, UserError
+from edrop_ray.seeds import STREAMS_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -83,13 +84,15 @@ def _edit_config(d: Path, text: str) -> None:
     replace_file(d / "bad.yaml", text)
 
 
-def _fake_checkpoint(d: Path, config: dict, on_disk: dict | None = None) -> None:
+def _fake_checkpoint(
+    d: Path, config: dict, on_disk: dict | None = None, streams: int = STREAMS_VERSION
+) -> None:
     """run2/: an unfinished run whose checkpoint holds ``config``."""
     run = d / "run2"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(on_disk if on_disk is not None else config))
-    blob = {"format": store.CHECKPOINT_FORMAT, "config": config, "learner": {}, "search": {},
-            "history": [], "snapshots": [], "wall_s": 0.0}  # fmt: skip
+    blob = {"format": store.CHECKPOINT_FORMAT, "streams": streams, "config": config,
+            "learner": {}, "search": {}, "history": [], "snapshots": [], "wall_s": 0.0}  # fmt: skip
     torch.save(blob, run / "checkpoint.pt")
 
 
@@ -209,6 +212,8 @@ CASES = [
          lambda d: _fake_checkpoint(d, {**_tiny_config(), "bogus": 1})),  # fmt: skip
     Case("resume-edited-config", ["resume", "{d}/run2"], "says lr: 0.5",
          lambda d: _fake_checkpoint(d, _tiny_config(), {**_tiny_config(), "lr": 0.5})),
+    Case("resume-old-streams", ["resume", "{d}/run2"], "random streams version 0",
+         lambda d: _fake_checkpoint(d, _tiny_config(), streams=0)),
     Case("resume-corrupt", ["resume", "{d}/run2"], "corrupt or truncated",
          lambda d: (_fake_checkpoint(d, _tiny_config()),
                     replace_file(d / "run2" / "checkpoint.pt", b"PK\x03\x04"))),  # fmt: skip

@@ -36,6 +36,7 @@ def test_cache_path_names_version_and_data():
     train, test = _sets()
     path = job.dense_cache_path(cfg, train, test)
     assert job.__version__ in path.name
+    assert f"-s{job.STREAMS_VERSION}-" in path.name  # new random streams never reuse old results
     other = job.dense_cache_path(cfg, *_sets(shift=0.5))
     assert other != path
 
