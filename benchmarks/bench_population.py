@@ -346,6 +346,8 @@ def write_plot(path: Path, runs: dict[int, dict[int, dict]], rows: list[dict[str
         capsize=4,
     )
     axes[2].set_xscale("log", base=2)
+    axes[2].set_xticks([r["S"] for r in rows], [str(r["S"]) for r in rows])
+    axes[2].minorticks_off()
     axes[2].set_xlabel("population size S")
     axes[2].set_ylabel("pruned Top-1 (%)")
     axes[2].set_title("pruned Top-1 vs S (mean ± std over seeds)", fontsize=10)
