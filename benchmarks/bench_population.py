@@ -139,7 +139,7 @@ def collect(
         for seed in seeds:
             status = statuses.get(f"S{size}/seed{seed}", {})
             figures = None
-            if status.get("status") not in ("failed", "timeout"):
+            if status.get("status") not in ("failed", "timeout", "not started"):
                 figures = read_run(run_dir(out, size, seed), size, out / "cache" / "dense")
             if figures is None:
                 missing.append(
@@ -346,6 +346,8 @@ def write_plot(path: Path, runs: dict[int, dict[int, dict]], rows: list[dict[str
         capsize=4,
     )
     axes[2].set_xscale("log", base=2)
+    axes[2].set_xticks([r["S"] for r in rows], [str(r["S"]) for r in rows])
+    axes[2].minorticks_off()
     axes[2].set_xlabel("population size S")
     axes[2].set_ylabel("pruned Top-1 (%)")
     axes[2].set_title("pruned Top-1 vs S (mean ± std over seeds)", fontsize=10)
@@ -360,12 +362,12 @@ def write_plot(path: Path, runs: dict[int, dict[int, dict]], rows: list[dict[str
 
 def command(args: argparse.Namespace, size: int, seed: int) -> list[str]:
     cmd = [sys.executable, "-m", "edrop_ray", "prune"]
-    if args.config:
-        cmd += ["--config", args.config]
+    if args.config:  # the runs start in the repository root: absolute paths
+        cmd += ["--config", str(Path(args.config).resolve())]
     cmd += ["--set", f"population_size={size}", "--set", f"seed={seed}"]
     for override in args.overrides:
         cmd += ["--set", override]
-    out = run_dir(Path(args.out), size, seed)
+    out = run_dir(Path(args.out).resolve(), size, seed)
     return cmd + ["--set", "backend=local", "--out", str(out), "--quiet", "--overwrite"]
 
 
