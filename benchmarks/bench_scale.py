@@ -21,6 +21,7 @@ energies of a briefly trained model.
 EXTRAPOLATED to ``--target-model`` at ``--target-input`` on GPUs, with every input named:
 
     cycle(N, S) = train + sync(N) + compute(2S/N candidates) + control(N)
+    (pipeline: true:  max(train, sync(N) + compute(2S/N)) + control(N))
     weak(N)   = cycle(1, s) / cycle(N, s N)          (s = --target-S-per-eval, default 16)
     strong(N) = cycle(1, S) / (N cycle(N, S))        (S = --target-S, default 64)
 
@@ -259,10 +260,13 @@ def sync_s(n: int, nbytes: float, args) -> float:
     return nbytes / (gbs * 1e9) + args.latency_us * 1e-6 * math.ceil(math.log2(ranks))
 
 
-def cycle_s(n: int, s: int, t: dict, control, args) -> float:
+def cycle_s(n: int, s: int, t: dict, control, args, pipeline: bool = False) -> float:
+    """One generation and its training step. ``pipeline``: the trainer's step runs while the
+    evaluators judge on the weights from before it (``pipeline: true``), so the two overlap."""
     per_eval = math.ceil(2 * s / n)
     compute = max(args.pass_floor_ms / MS, per_eval * t["per_cand_s"])
-    return t["train_s"] + sync_s(n, t["bytes"], args) + compute + control(n)
+    judge = sync_s(n, t["bytes"], args) + compute
+    return (max(t["train_s"], judge) if pipeline else t["train_s"] + judge) + control(n)
 
 
 def main() -> None:
@@ -358,6 +362,17 @@ def main() -> None:
     lines.append(
         f"| strong | {S} | {st[0] * MS:.1f} ms | {st[1] * MS:.1f} ms | {st[0] / (8 * st[1]):.0%} "
         f"| {st[2] * MS:.1f} ms | {st[0] / (64 * st[2]):.0%} | >= 60 % at 8 |"
+    )
+    # pipeline: true overlaps the trainer's step with the judging (one step stale weights)
+    wp = [cycle_s(n, s * n, t, control, args, pipeline=True) for n in (1, 8, 64)]
+    lines.append(
+        f"| weak, pipeline: true | {s} per GPU | {wp[0] * MS:.1f} ms | {wp[1] * MS:.1f} ms "
+        f"| {wp[0] / wp[1]:.0%} | {wp[2] * MS:.1f} ms | {wp[0] / wp[2]:.0%} | |"
+    )
+    sp = [cycle_s(n, S, t, control, args, pipeline=True) for n in (1, 8, 64)]
+    lines.append(
+        f"| strong, pipeline: true | {S} | {sp[0] * MS:.1f} ms | {sp[1] * MS:.1f} ms "
+        f"| {sp[0] / (8 * sp[1]):.0%} | {sp[2] * MS:.1f} ms | {sp[0] / (64 * sp[2]):.0%} | |"
     )
     zero = [cycle_s(n, S, t, lambda n: 0.0, args) for n in (1, 8)]
     lines.append(
