@@ -140,7 +140,10 @@ def _run(args: argparse.Namespace) -> int:
         if _out(args):
             from . import store
 
-            store.check_out(args.out, overwrite=args.overwrite, kind="compare")
+            if getattr(args, "reuse", False) and getattr(args, "seeds", None):
+                store.check_reuse_out(args.out)  # other processes may be adding their seeds
+            else:
+                store.check_out(args.out, overwrite=args.overwrite, kind="compare")
         from .compare import run_compare_cli
 
         return run_compare_cli(args)

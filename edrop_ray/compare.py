@@ -645,8 +645,11 @@ def compare_seeds(
     processes and be summarised afterwards; any other finished seed folder is refused.
     """
     out = Path(out)
-    if not reuse:
+    if reuse:
+        store.check_reuse_out(out)
+    else:
         _check_out(out, overwrite)
+    store.mark_out(out, "compare")  # the seeds' folders are written in place, each staged
     arms = tuple(m for m in METHODS if m in arms or m in REQUIRED)
     per_seed = []
     for seed in seeds:

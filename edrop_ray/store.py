@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,6 +32,8 @@ __all__ = [
     "folder_kind",
     "read_marker",
     "check_out",
+    "check_reuse_out",
+    "mark_out",
     "check_writable",
     "stage_out",
     "commit_out",
@@ -69,6 +72,8 @@ COMPARE_FILES = frozenset(
 # report.json of a run made before the marker existed: recognised by these keys.
 _REPORT_KEYS = frozenset({"dense_top1", "pruned_top1", "params_pruned", "prune_rate"})
 RUN_MARKERS = (MARKER, "report.json", CHECKPOINT)  # kept for callers that look for a run
+# the folder of one seed in a multi-seed comparison (compare --seeds): OUT/seed<N>
+SEED_DIR = re.compile(r"seed[0-9]+")
 
 
 def _umask() -> int:
@@ -132,7 +137,13 @@ def _foreign(path: Path, kind: str) -> list[str]:
         name = entry.name
         if name.startswith(".") and name.endswith(".tmp"):
             continue  # a temporary file of write_atomic / save_checkpoint
-        if name not in own:
+        if kind == "compare" and SEED_DIR.fullmatch(name) and entry.is_dir():
+            # one seed's comparison of a multi-seed one (compare --seeds)
+            if folder_kind(entry) != "compare":
+                out.append(f"{name}/")
+            else:
+                out += [f"{name}/{n}" for n in _foreign(entry, "compare")]
+        elif name not in own:
             out.append(name)
         elif name == "plots" and entry.is_dir():
             out += [f"plots/{p.name}" for p in sorted(entry.iterdir()) if p.suffix != ".png"]
@@ -224,6 +235,37 @@ def check_out(out: str | Path, *, overwrite: bool, kind: str = "run", flag: str 
                 "it in at the end); move it or pick another " + flag
             )
     return path
+
+
+def check_reuse_out(out: str | Path, flag: str = "--out") -> Path:
+    """Check that the seeds of a multi-seed comparison may be added to (or summarised in) ``out``
+    (``compare --seeds ... --reuse``): missing, empty, or holding only this tool's comparison
+    files and ``seed<N>`` folders (also while other processes add their seeds). Writes nothing."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {str(path)!r} is a file; pass a folder path")
+    check_writable(path, flag)
+    if not path.is_dir():
+        return path
+    for entry in sorted(path.iterdir()):
+        name = entry.name
+        if name in COMPARE_FILES or (name.startswith(".") and name.endswith(".tmp")):
+            continue
+        if entry.is_dir() and SEED_DIR.fullmatch(name.removesuffix(".new")):
+            continue  # a seed's comparison, finished or being written by another process
+        raise UserError(
+            f"{flag} {str(path)!r} holds {name!r}, which is not part of a comparison of this "
+            "tool; nothing there was touched: pick a new or empty folder for --reuse"
+        )
+    return path
+
+
+def mark_out(path: str | Path, kind: str) -> None:
+    """Give a folder this tool made in place (a multi-seed comparison) its marker, once."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if not read_marker(path):
+        write_json(path / MARKER, {"format": RUN_FORMAT, "kind": kind, "created": True})
 
 
 def stage_out(out: str | Path, *, kind: str = "run", config: dict | None = None) -> Path:

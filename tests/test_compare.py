@@ -162,6 +162,28 @@ def test_the_paper_schedule_arm_evolves_at_every_step_with_16_members(tmp_path):
     assert steps == list(range(steps[0], steps[0] + 3))  # a generation at every step
 
 
+def test_seeds_run_in_separate_processes_then_one_summary(tmp_path):
+    """compare --seeds N --reuse per process (as results/run_compare.sh runs them), then one
+    --reuse call over all the seeds summarises without running anything again."""
+    out = tmp_path / "cmp"
+    base = ["compare", "--config", TINY, *FAST, "--out", str(out), "--quiet", "--arms", "dense"]
+    for seed in ("0", "1"):
+        assert main([*base, "--seeds", seed, "--reuse"]) == 0
+    assert _run_counting([*base, "--seeds", "0,1", "--reuse"]) == []  # nothing trained again
+    summary = json.loads((out / "compare.json").read_text())
+    assert [a["method"] for a in summary["arms"]] == ["dense", "edropout"]
+    assert all(len(a["top1"]) == 2 for a in summary["arms"])
+    assert (out / ".edrop_ray_run").is_file()  # the folder is marked as this tool's
+    # --overwrite may replace the whole multi-seed comparison: only this tool's files are in it
+    assert main([*base, "--seeds", "1", "--overwrite"]) == 0
+    # a file of the user's in the folder: refused, nothing touched
+    (out / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in out.iterdir())
+    assert main([*base, "--seeds", "0,1", "--reuse"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 def test_dynamics_are_recorded_per_generation(comparison):
     out, result, _ = comparison
     history = pq.read_table(out / "edropout" / "history.parquet").to_pylist()
