@@ -1,5 +1,6 @@
 # The two commands a newcomer runs: `make demo` and `make test`.
-# Both create .venv when it is missing and install the package into it first.
+# Both create .venv when it is missing and install the package into it first, with
+# the exact tested versions from constraints.txt (pyproject.toml only declares ranges).
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -10,9 +11,9 @@ STAMP  := $(VENV)/.installed
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]' -c constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)

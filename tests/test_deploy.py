@@ -4,7 +4,8 @@ Nothing here needs a network, a Docker engine or a Kubernetes cluster. The
 tests catch the drift that otherwise only shows up on a cluster:
 
 * the image, the launcher config and the KubeRay manifests must run the Ray
-  (and torch/torchvision) that pyproject.toml pins;
+  (and torch/torchvision) that constraints.txt pins, and every pin there must
+  lie inside the range that pyproject.toml declares;
 * every `python -m edrop_ray ...` command we ship must be accepted by the CLI
   parser and name a config that exists;
 * token authentication stays on, and the launcher keeps the dashboard on
@@ -25,9 +26,11 @@ from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = ROOT / "pyproject.toml"
+CONSTRAINTS = ROOT / "constraints.txt"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 CLUSTER_YAML = ROOT / "deploy" / "cluster.yaml"
 RAYJOB_YAML = ROOT / "deploy" / "kuberay" / "rayjob.yaml"
@@ -40,19 +43,32 @@ ALL_MANIFESTS = (CLUSTER_YAML, RAYJOB_YAML, RAYCLUSTER_YAML)
 CLI_PREFIX = ["python", "-m", "edrop_ray"]
 GPU_RESOURCE = "nvidia.com/gpu"
 
-# "name[extras]==version" with optional environment marker. Only exact pins
-# are matched, because only an exact pin can be compared with an image tag.
-_PINNED_REQ = re.compile(
-    r"^\s*(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*==\s*(?P<version>[^\s;,]+)"
-)
-
-
 # --------------------------------------------------------------------------- helpers
 
 
 def _canonical(name: str) -> str:
     # PEP 503 normalisation, so "torch_pruning" and "torch-pruning" compare equal.
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _constraint_pins(text: str) -> dict[str, str]:
+    """{canonical name: version} of the `name==version` lines of a pip constraints file."""
+    found: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        requirement = Requirement(line)
+        # pip rejects extras in a constraints file ("Constraints cannot have extras").
+        assert not requirement.extras, f"constraints.txt:{number}: no extras allowed: {line!r}"
+        specs = list(requirement.specifier)
+        assert len(specs) == 1 and specs[0].operator == "==", (
+            f"constraints.txt:{number}: expected an exact pin name==version, got {line!r}"
+        )
+        name = _canonical(requirement.name)
+        assert name not in found, f"constraints.txt:{number}: {name} pinned twice"
+        found[name] = specs[0].version
+    return found
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
@@ -162,18 +178,13 @@ def pyproject() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def pins(pyproject: dict[str, Any]) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for requirement in pyproject["project"]["dependencies"]:
-        match = _PINNED_REQ.match(requirement)
-        if match:
-            found[_canonical(match["name"])] = match["version"]
-    return found
+def pins() -> dict[str, str]:
+    return _constraint_pins(CONSTRAINTS.read_text())
 
 
 @pytest.fixture(scope="module")
 def ray_pin(pins: dict[str, str]) -> str:
-    assert "ray" in pins, "pyproject.toml must pin ray exactly (ray[default,tune]==X)"
+    assert "ray" in pins, "constraints.txt must pin ray exactly (ray==X)"
     return pins["ray"]
 
 
@@ -193,12 +204,44 @@ def kuberay(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     return kind, _load_yaml(KUBERAY_MANIFESTS[kind])
 
 
-# --------------------------------------------------------------------------- pyproject
+# --------------------------------------------------------------------------- pins
 
 
-def test_pyproject_pins_the_deployed_stack(pins: dict[str, str]) -> None:
+def test_constraints_pin_the_deployed_stack(pins: dict[str, str]) -> None:
     for name in ("ray", "torch", "torchvision"):
-        assert name in pins, f"pyproject.toml must pin {name} with '=='"
+        assert name in pins, f"constraints.txt must pin {name} with '=='"
+
+
+def test_constraints_pin_every_dependency_inside_the_declared_range(
+    pyproject: dict[str, Any], pins: dict[str, str]
+) -> None:
+    project = pyproject["project"]
+    runtime = [Requirement(r) for r in project["dependencies"]]
+    dev = [Requirement(r) for r in project.get("optional-dependencies", {}).get("dev", [])]
+    # `make` installs the runtime dependencies and the dev tools with these pins.
+    unpinned = sorted(r.name for r in runtime + dev if _canonical(r.name) not in pins)
+    assert not unpinned, f"constraints.txt has no pin for {unpinned}: make would take any"
+    for requirement in runtime + dev:
+        name = _canonical(requirement.name)
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"constraints.txt pins {name}=={pins[name]}, outside pyproject's "
+            f"{requirement.name}{requirement.specifier}"
+        )
+    declared = {_canonical(r.name) for r in runtime + dev}
+    strays = sorted(set(pins) - declared)
+    assert not strays, f"constraints.txt pins {strays}, which pyproject.toml does not ask for"
+
+
+def test_pyproject_declares_ranges_not_pins(pyproject: dict[str, Any]) -> None:
+    # Exact pins belong in constraints.txt: in pyproject.toml they make
+    # `pip install edrop-ray` downgrade (or refuse) a user's torch.
+    for raw in pyproject["project"]["dependencies"]:
+        requirement = Requirement(raw)
+        exact = [s for s in requirement.specifier if s.operator in {"==", "==="}]
+        assert not exact, f"pyproject.toml pins {raw!r}; declare a range, pin in constraints.txt"
+        assert any(s.operator == "<" for s in requirement.specifier), (
+            f"pyproject.toml: {raw!r} needs an upper bound (the next untested major/minor)"
+        )
 
 
 # --------------------------------------------------------------------------- Dockerfile
@@ -218,7 +261,7 @@ def test_dockerfile_base_image_is_the_pinned_ray(
     )
 
 
-def test_dockerfile_torch_pins_match_pyproject(
+def test_dockerfile_torch_pins_match_constraints(
     dockerfile: list[tuple[str, str]], pins: dict[str, str]
 ) -> None:
     args = _dockerfile_args(dockerfile)
@@ -226,7 +269,34 @@ def test_dockerfile_torch_pins_match_pyproject(
     for name in ("torch", "torchvision"):
         found = re.findall(rf"(?<![\w.-]){re.escape(name)}==([^\s\"']+)", runs)
         assert found, f"Dockerfile does not install {name}==<version>"
-        assert set(found) == {pins[name]}, f"Dockerfile {name} {found} != pyproject {pins[name]}"
+        assert set(found) == {pins[name]}, f"Dockerfile {name} {found} != constraints {pins[name]}"
+
+
+def test_dockerfile_installs_the_package_with_the_constraints(
+    dockerfile: list[tuple[str, str]],
+) -> None:
+    copied: set[str] = set()
+    for instr, rest in dockerfile:
+        if instr == "COPY":
+            sources = [t for t in shlex.split(rest) if not t.startswith("--")][:-1]
+            copied.update(s.rstrip("/") for s in sources)
+    assert CONSTRAINTS.name in copied, "Dockerfile does not COPY constraints.txt"
+    installs = [
+        shlex.split(rest)
+        for instr, rest in dockerfile
+        if instr == "RUN" and re.search(r"\bpip install\b.*(?:/app|\s\.)(?:\s|$)", rest)
+    ]
+    assert installs, "Dockerfile does not `pip install` the package"
+    for argv in installs:
+        assert CONSTRAINTS.name in {
+            _option_value(argv, "-c"),
+            _option_value(argv, "--constraint"),
+        }, f"the package install {' '.join(argv)!r} does not use -c constraints.txt"
+    ignore = DOCKERFILE.with_name(DOCKERFILE.name + ".dockerignore")
+    if ignore.is_file():
+        assert f"!{CONSTRAINTS.name}" in ignore.read_text().split(), (
+            f"{ignore.relative_to(ROOT)} keeps constraints.txt out of the build context"
+        )
 
 
 def test_dockerfile_copies_what_the_package_build_needs(
@@ -237,7 +307,7 @@ def test_dockerfile_copies_what_the_package_build_needs(
         if instr == "COPY":
             sources = [t for t in shlex.split(rest) if not t.startswith("--")][:-1]
             copied.update(s.rstrip("/") for s in sources)
-    needed = {"pyproject.toml", "edrop_ray", "configs"}
+    needed = {"pyproject.toml", "constraints.txt", "edrop_ray", "configs"}
     # Files the build backend reads from pyproject metadata must be in the image
     # too, or `pip install /app` fails.
     project = pyproject["project"]
