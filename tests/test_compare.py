@@ -175,7 +175,9 @@ def test_seeds_run_in_separate_processes_then_one_summary(tmp_path):
     assert all(len(a["top1"]) == 2 for a in summary["arms"])
     assert (out / ".edrop_ray_run").is_file()  # the folder is marked as this tool's
     # --overwrite may replace the whole multi-seed comparison: only this tool's files are in it
-    assert main([*base, "--seeds", "1", "--overwrite"]) == 0
+    from edrop_ray import store
+
+    store.check_out(out, overwrite=True, kind="compare")
     # a file of the user's in the folder: refused, nothing touched
     (out / "notes.txt").write_text("mine")
     before = sorted(p.name for p in out.iterdir())
