@@ -19,8 +19,9 @@ path of ``edrop-ray prune`` (dense baseline, EDropout, slimming, report)::
             opt.step(); opt.zero_grad()
     slim = ed.slim()  # the physically slimmed network
 
-Nothing here imports Ray (:func:`prune` runs in process). The search steps are the functional
-ones of :mod:`edrop_ray.population`, wrapped by :class:`~edrop_ray.search.Search`.
+Nothing here imports Ray (:func:`prune` with ``backend="ray"`` does, when it runs). The search
+steps are the functional ones of :mod:`edrop_ray.population`, wrapped by
+:class:`~edrop_ray.search.Search`.
 """
 
 from __future__ import annotations
@@ -193,7 +194,11 @@ def prune(
     """Prune ``model`` with EDropout on ``train_set``; measure it on ``test_set``.
 
     The run is the one of ``edrop-ray prune`` (same loop, checkpoints, report), on your own
-    network and data instead of the grid's, in process (``backend="local"``):
+    network and data instead of the grid's, in process (``backend="local"``, the default here)
+    or on Ray (``backend="ray"``: the module, pickled with its weights, and the training set go
+    to the object store once; every actor builds its copy from there, so the workers must be
+    able to unpickle them: a class defined in your script travels by value, one from a package
+    must be importable on the workers):
 
     1. the dense baseline: a copy of ``model`` trained dense for the same budget;
     2. EDropout: another copy, from the same weights, trained under the population's best state
@@ -241,11 +246,6 @@ def prune(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     try:
         validate(cfg, names=False)
-        if cfg.backend != "local":
-            raise ValueError(
-                "prune() runs your own model in process only: pass backend='local' (Ray runs of "
-                "the model grid: edrop-ray prune)"
-            )
         if out is not None:
             store.check_out(out, overwrite=overwrite, flag="out")
         own, data, units = _check_model_and_data(model, train_set, test_set, example_inputs)

@@ -133,11 +133,11 @@ def _start_backend(cfg: Config, local: Learner, own: OwnModel | None = None):
     counter = counter_for(cfg, local.model, local.units, local.example)
     if cfg.backend == "local":
         return local, Search(cfg, local.units.num_units, counter=counter), None
-    if own is not None:  # the actors build their model from cfg.model; refused at the API too
-        raise UserError("a run of your own model takes backend='local'")
     from .distributed.runner import RayRuntime  # Ray is imported only when asked for
 
-    runtime = RayRuntime(cfg, local.info, local.units.num_units, counter=counter)
+    runtime = RayRuntime(
+        cfg, local.info, local.units.num_units, counter=counter, own=own, train_set=local.train_set
+    )
     return runtime.learner, runtime.search, runtime
 
 

@@ -24,6 +24,7 @@ from edrop_ray.slim import load_pruned, slim_model
 from edrop_ray.units import discover_units
 
 ROOT = Path(__file__).resolve().parent.parent
+SHARED_RAY = True  # test_ray_backend_* uses the session's Ray instance (tests/conftest.py)
 # the smallest run: 4 training steps, 2 generations
 QUICK = dict(epochs=1, population_size=4, evolve_every=2, max_generations=2, quiet=True)
 
@@ -148,6 +149,26 @@ def test_trained_weights_are_kept_and_the_users_model_is_untouched(example, digi
     assert not torch.allclose(got["mix.0.weight"], differ.get_parameter("mix.0.weight"))
 
 
+@pytest.mark.ray
+def test_ray_backend_ships_your_model_and_ends_with_the_local_mask(example, digits, ray_cluster):
+    """The module (pickled with its weights) and the data go to the actors through the object
+    store; one torch thread per process makes the float sums, and so the mask, identical."""
+    train, test = digits
+    same = dict(QUICK, max_generations=0, batch_size=32, cpu_threads=1, num_evaluators=2)
+    torch.manual_seed(0)
+    model = example.ConcatDepthwiseNet(width=8)  # its class travels by value (not importable)
+    local = edrop_ray.prune(model, train, test, backend="local", **same)
+    on_ray = edrop_ray.prune(model, train, test, backend="ray", trainer_cpus=1, **same)
+    assert on_ray.report["backend"] == "ray" and local.report["backend"] == "local"
+    assert on_ray.report["generations"] == local.report["generations"] == 4
+    assert torch.equal(on_ray.mask, local.mask)
+    for key in ("pruned_top1", "dense_top1", "params_pruned", "macs_pruned"):
+        assert on_ray.report[key] == local.report[key], key
+    x = test.tensors[0][:16]
+    with torch.no_grad():
+        assert torch.allclose(on_ray.model(x), local.model(x), atol=1e-6)
+
+
 # --- bad input: one clear line, nothing written ----------------------------------------------
 
 
@@ -263,7 +284,6 @@ BAD = {
     "an unknown setting": (lambda d, e: dict(population_sise=4), TypeError, "population_sise"),
     "a grid setting": (lambda d, e: dict(dataset="cifar10"), TypeError, "dataset= does not"),
     "a bad value": (lambda d, e: dict(patience=0), ValueError, "patience must be >= 1"),
-    "the ray backend": (lambda d, e: dict(backend="ray"), ValueError, "backend='local'"),
     "a batch larger than the data": (lambda d, e: dict(batch_size=1000), ValueError, "batch_size"),
 }
 
