@@ -240,7 +240,13 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> dict:
     """Continue a stopped run from its last checkpoint to the same result as an unbroken run."""
     path = store.open_resumable(run_dir)
     blob = store.load_checkpoint(path)
-    cfg = config_from_dict(blob.get("config"), f"the checkpoint of {str(path)!r}")
+    started = blob.get("config")
+    if isinstance(started, dict) and str(started.get("model", "")).startswith("custom:"):
+        raise UserError(
+            f"run {str(path)!r} pruned your own network ({started['model'][7:]}) from Python; "
+            "resume cannot rebuild it: run edrop_ray.prune(..., out=..., overwrite=True) again"
+        )
+    cfg = config_from_dict(started, f"the checkpoint of {str(path)!r}")
     _check_config_file(path, blob["config"])
     data = load_data(cfg)
     device = check_inputs(cfg, data)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 import edrop_ray
 from edrop_ray import job, store
 from edrop_ray.data import load_datasets
+from edrop_ray.errors import RunInterrupted, UserError
 from edrop_ray.slim import load_pruned, slim_model
 from edrop_ray.units import discover_units
 
@@ -112,8 +113,6 @@ def test_example_tiny_prunes_and_the_slimmed_model_computes_the_masked_one(
     reloaded = load_pruned(out / "pruned_model.pt", model=example.ConcatDepthwiseNet(width=8))
     with torch.no_grad():
         assert torch.allclose(reloaded(seen["x"]), slimmed, atol=1e-5)
-    from edrop_ray.errors import UserError
-
     with pytest.raises(UserError, match="model=<a new instance>"):
         load_pruned(out / "pruned_model.pt")
 
@@ -147,6 +146,27 @@ def test_trained_weights_are_kept_and_the_users_model_is_untouched(example, digi
     other = example.ConcatDepthwiseNet(width=8)
     differ = slim_model(other, discover_units(other, x), result.mask, x)
     assert not torch.allclose(got["mix.0.weight"], differ.get_parameter("mix.0.weight"))
+
+
+def test_an_interrupted_run_is_kept_and_resume_says_it_cannot_rebuild_it(
+    example, digits, tmp_path, monkeypatch
+):
+    def interrupt(*a, **k):  # Ctrl-C once the loop has checkpointed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "measure_pruned", interrupt)
+    out = tmp_path / "run"
+    with pytest.raises(RunInterrupted) as e:
+        edrop_ray.prune(
+            example.ConcatDepthwiseNet(width=8), *digits, out=out, checkpoint_every=1, **QUICK
+        )
+    assert e.value.run_dir == out and (out / "checkpoint.pt").is_file()
+    with pytest.raises(UserError, match="pruned your own network .ConcatDepthwiseNet. from Python"):
+        job.resume(out)
+    # out=None: the run's temporary folder goes, and the interrupt is a plain KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt) as e:
+        edrop_ray.prune(example.ConcatDepthwiseNet(width=8), *digits, **QUICK)
+    assert not isinstance(e.value, RunInterrupted)
 
 
 @pytest.mark.ray
