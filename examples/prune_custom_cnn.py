@@ -5,7 +5,7 @@ for a few epochs in a plain PyTorch loop on scikit-learn's digits (shipped insid
 no download), then handed to ``edrop_ray.prune`` with the weights it learned: EDropout searches
 the channels to drop, fine-tunes the kept weights, and returns the physically slimmed network.
 
-    python examples/prune_custom_cnn.py                 # about a minute on 2 CPUs
+    python examples/prune_custom_cnn.py                 # a few minutes on 2 CPUs
     python examples/prune_custom_cnn.py --tiny          # a few seconds (the tests run this)
     python examples/prune_custom_cnn.py --out runs/cnn  # also keep the run folder
 """
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> edrop_ray.PruneResult:
 
     settings = dict(epochs=1, population_size=4, evolve_every=2, patience=5, energy_batch_size=16)
     if not args.tiny:
-        settings = dict(epochs=8, population_size=16, evolve_every=2, patience=15)
+        settings = dict(epochs=5, population_size=8, evolve_every=2, patience=10)
     result = edrop_ray.prune(
         model,
         loader,  # its dataset and batch size
