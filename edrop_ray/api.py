@@ -1,4 +1,11 @@
-"""The public Python API for users who drive their own training loop.
+"""The public Python API: :func:`prune` a user's own network, or drive EDropout from a loop.
+
+:func:`prune` runs the whole method on a user's ``nn.Module`` and ``Dataset`` through the run
+path of ``edrop-ray prune`` (dense baseline, EDropout, slimming, report)::
+
+    result = edrop_ray.prune(model, train_set, test_set, epochs=5, target_params=0.5)
+    result.model            # the physically slimmed network, eval mode
+    result.report           # what report.json holds
 
 :class:`EDropout` is the method as an ask/tell object over a user's own ``nn.Module``::
 
@@ -12,27 +19,40 @@
             opt.step(); opt.zero_grad()
     slim = ed.slim()  # the physically slimmed network
 
-Nothing here imports Ray. The search steps are the functional ones of
-:mod:`edrop_ray.population`, wrapped by :class:`~edrop_ray.search.Search`.
+Nothing here imports Ray (:func:`prune` with ``backend="ray"`` does, when it runs). The search
+steps are the functional ones of :mod:`edrop_ray.population`, wrapped by
+:class:`~edrop_ray.search.Search`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import copy
+import dataclasses
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
+from . import job, store
 from .budget import counter_for
+from .config import Config, _check_keys, _coerce, config_to_dict, read_yaml, validate
+from .data import DataInfo
 from .energy import compute_energies
+from .errors import RunInterrupted, UserError
+from .loop import OwnModel, fetch_batch
 from .masking import Masker
 from .search import DEParams, Search
 from .slim import count_params_macs, slim_model
 from .units import Units, discover_units
 
-__all__ = ["EDropout", "DEParams"]
+__all__ = ["EDropout", "DEParams", "prune", "PruneResult"]
 
 
 class EDropout:
@@ -131,3 +151,353 @@ class EDropout:
     def remove(self) -> None:
         """Remove the masking hooks: the model is exactly as it was before."""
         self.masker.remove()
+
+
+# --- prune(): the whole method on a user's own network and data -------------------------------
+
+# Config keys that name the grid's data and model; prune() takes both as arguments instead.
+_GRID_KEYS = ("dataset", "data_root", "download", "input_size", "model", "small_input")
+_CHECKED_SAMPLES = 64  # samples of an on-disk data set whose shape and label are checked
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` returns.
+
+    model: the physically slimmed network (a copy; on the CPU, in eval mode, ready to use).
+    mask: (D,) bool over the units, True = kept (the final pruning state).
+    kept_per_layer: kept fraction of each coupled group, keyed by its root layer's name.
+    report: the dict ``edrop-ray prune`` writes to report.json (Top-1/Top-5 dense and pruned,
+        params and MACs before and after, prune_rate, budgets, generations, ...).
+    run_dir: the run folder when ``out`` was given, else None.
+    """
+
+    model: nn.Module
+    mask: torch.Tensor
+    kept_per_layer: dict[str, float]
+    report: dict[str, Any]
+    run_dir: Path | None
+
+
+def prune(
+    model: nn.Module,
+    train_set: Dataset | DataLoader,
+    test_set: Dataset | DataLoader,
+    *,
+    example_inputs: torch.Tensor | None = None,
+    config: Config | Mapping[str, Any] | str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+    **overrides: Any,
+) -> PruneResult:
+    """Prune ``model`` with EDropout on ``train_set``; measure it on ``test_set``.
+
+    The run is the one of ``edrop-ray prune`` (same loop, checkpoints, report), on your own
+    network and data instead of the grid's, in process (``backend="local"``, the default here)
+    or on Ray (``backend="ray"``: the module, pickled with its weights, and the training set go
+    to the object store once; every actor builds its copy from there, so the workers must be
+    able to unpickle them: a class defined in your script travels by value, one from a package
+    must be importable on the workers):
+
+    1. the dense baseline: a copy of ``model`` trained dense for the same budget;
+    2. EDropout: another copy, from the same weights, trained under the population's best state
+       until the population converges, then fine-tuned with that mask frozen;
+    3. the physically slimmed model, its Top-1/Top-5, parameters and MACs.
+
+    model: any ``nn.Module`` that Torch-Pruning can trace and that maps a batch of inputs to
+        (batch, classes) logits. Training starts from the weights it holds (a trained model is
+        pruned and fine-tuned; a fresh one is trained from scratch). It is never modified: the
+        run trains copies. It may be on any device; the run uses ``device`` (default auto).
+    train_set, test_set: map-style ``Dataset``s whose items are ``(input, label)``: ``input`` a
+        tensor of one fixed shape, ``label`` an integer class in [0, classes). A ``DataLoader``
+        is accepted for its ``.dataset`` and ``batch_size`` (the train loader's sets
+        ``batch_size``, the test loader's ``eval_batch_size``, unless given as settings); its
+        sampler, shuffling, workers and collate_fn are not used: the run draws its own seeded
+        batches.
+    example_inputs: one input batch (B, ...) to trace the model on; default: zeros shaped like
+        two training inputs. The number of classes is the size of the model's output on it.
+    config: run settings as a :class:`~edrop_ray.config.Config`, a mapping, or the path of a
+        YAML config file; ``**overrides`` are settings by name (``epochs=5``,
+        ``target_params=0.5``, ``population_size=16``, ...) and win over ``config``. Unless
+        either sets ``backend``, it is ``"local"``; the keys that name the grid's data and model
+        (dataset, data_root, download, input_size, model, small_input) do not apply.
+    out: write the run folder of ``edrop-ray prune`` there (report.json, mask.pt,
+        pruned_model.pt, history.parquet, plots; reload the model with
+        ``edrop_ray.slim.load_pruned(path, model=<a new instance>)``). A run already there is
+        replaced only with ``overwrite``, and only once the new one is complete. None: nothing
+        is kept on disk.
+    quiet: no progress bar and no summary table.
+
+    Raises TypeError or ValueError, with a one-line message and before anything is written, for
+    bad input: settings, an ``out`` folder in the way, a model that cannot be traced or slimmed
+    or has nothing to prune, data of the wrong shape or with labels outside [0, classes), a
+    budget no state can meet. A run that fails on its way (a diverging loss) raises
+    :class:`~edrop_ray.errors.UserError`.
+    """
+    cfg, given = _prune_config(config, overrides)
+    train_set, train_batch = _as_dataset(train_set, "train_set")
+    test_set, test_batch = _as_dataset(test_set, "test_set")
+    loader_sizes = {"batch_size": train_batch, "eval_batch_size": test_batch}
+    cfg = dataclasses.replace(
+        cfg, **{k: v for k, v in loader_sizes.items() if v is not None and k not in given}
+    )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    try:
+        validate(cfg, names=False)
+        if out is not None:
+            store.check_out(out, overwrite=overwrite, flag="out")
+        own, data, units = _check_model_and_data(model, train_set, test_set, example_inputs)
+        cfg = dataclasses.replace(
+            cfg,
+            model=f"custom:{type(model).__qualname__}",
+            dataset=f"custom:{type(train_set).__qualname__}",
+            **_input_size(own.example),
+        )
+        job.check_inputs(cfg, data, names=False)
+        # a budget no state can meet is refused now, not after the dense baseline
+        Search(cfg, units.num_units, counter=counter_for(cfg, own.module, units, own.example))
+    except UserError as e:
+        raise ValueError(str(e)) from None
+
+    with tempfile.TemporaryDirectory(prefix="edrop-prune-") as tmp:
+        target = Path(tmp) / "run" if out is None else Path(out).expanduser()
+        try:
+            outcome = job.run_new(cfg, target, overwrite=overwrite, quiet=quiet, data=data, own=own)
+        except RunInterrupted:
+            if out is None:  # its folder was temporary
+                raise KeyboardInterrupt from None
+            raise
+    return PruneResult(
+        model=outcome.model.eval(),
+        mask=outcome.mask,
+        kept_per_layer=dict(outcome.report["kept_per_layer"]),
+        report=outcome.report,
+        run_dir=None if out is None else target,
+    )
+
+
+def _prune_config(config: Any, overrides: dict[str, Any]) -> tuple[Config, set[str]]:
+    """The run's Config and the keys the caller set (a Config's fields count where they differ
+    from the defaults). TypeError for an unknown key, ValueError for a value that does not fit."""
+    if isinstance(config, Config):
+        defaults = Config()
+        values = {k: v for k, v in config_to_dict(config).items() if getattr(defaults, k) != v}
+    elif config is None:
+        values = {}
+    elif isinstance(config, str | os.PathLike | Mapping):
+        source = "config"
+        if not isinstance(config, Mapping):
+            source = str(config)
+            try:
+                config = read_yaml(Path(config), "config", "config") or {}
+            except UserError as e:
+                raise ValueError(str(e)) from None
+            if not isinstance(config, Mapping):
+                raise ValueError(f"config file {source!r} must hold a mapping of key: value")
+        try:
+            _check_keys(dict(config), source)
+        except UserError as e:
+            raise TypeError(str(e)) from None
+        values = dict(config)
+    else:
+        raise TypeError(
+            f"config must be a Config, a mapping or a YAML file's path, got {type(config).__name__}"
+        )
+    grid = sorted(set(overrides) & set(_GRID_KEYS))
+    if grid:
+        raise TypeError(
+            f"prune() takes the model and the data as arguments; {grid[0]}= does not apply"
+        )
+    unknown = sorted(set(overrides) - set(Config.__dataclass_fields__))
+    if unknown:
+        raise TypeError(
+            f"unknown prune() setting {unknown[0]!r}; valid ones: "
+            + ", ".join(k for k in Config.__dataclass_fields__ if k not in _GRID_KEYS)
+        )
+    values.update(overrides)
+    values = {k: v for k, v in values.items() if k not in _GRID_KEYS}
+    try:
+        coerced = {k: _coerce(k, v) for k, v in values.items()}
+    except UserError as e:
+        raise ValueError(str(e)) from None
+    return Config(**{"backend": "local", **coerced}), set(values)
+
+
+def _as_dataset(data: Any, what: str) -> tuple[Dataset, int | None]:
+    """(map-style dataset, the loader's batch size or None)."""
+    batch = None
+    if isinstance(data, DataLoader):
+        data, batch = data.dataset, data.batch_size
+    if isinstance(data, IterableDataset) or not (
+        hasattr(data, "__len__") and hasattr(data, "__getitem__")
+    ):
+        raise TypeError(
+            f"{what} must be a map-style Dataset of (input, label) items (or a DataLoader over "
+            f"one), got {type(data).__name__}"
+        )
+    if len(data) == 0:
+        raise ValueError(f"{what} is empty")
+    return data, batch
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
+
+
+def _item(dataset: Dataset, i: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        item = dataset[i]
+    except Exception as e:
+        raise ValueError(f"{what}[{i}] cannot be read: {_one_line(e)}") from None
+    if not (isinstance(item, tuple | list) and len(item) == 2):
+        raise ValueError(f"{what}[{i}] must be an (input, label) pair, got {type(item).__name__}")
+    x, y = item
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what}[{i}]: the input must be a torch.Tensor, got {type(x).__name__}")
+    try:
+        y = torch.as_tensor(y)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{what}[{i}]: the label {y!r} is not an integer class") from None
+    return x, y
+
+
+def _check_labels(y: torch.Tensor, where: str, num_classes: int) -> None:
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"{where}: labels must be integer classes, got dtype {y.dtype}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+        raise ValueError(
+            f"{where}: label {bad} is outside [0, {num_classes}) (the model outputs "
+            f"{num_classes} classes)"
+        )
+
+
+def _check_data(dataset: Dataset, what: str, shape: torch.Size, num_classes: int) -> None:
+    """Every sample of an in-memory TensorDataset, else a fixed spread of samples: input shape
+    ``shape`` and an integer label in [0, num_classes)."""
+    tensors = getattr(dataset, "tensors", None)
+    if isinstance(dataset, TensorDataset) and tensors is not None and len(tensors) == 2:
+        x, y = tensors
+        if x.shape[1:] != shape:
+            raise ValueError(
+                f"{what} holds inputs of shape {tuple(x.shape[1:])}, the model takes "
+                f"{tuple(shape)} (train_set's first input)"
+            )
+        if y.dim() != 1:
+            raise ValueError(f"{what}: labels must be one integer per sample, got shape "
+                             f"{tuple(y.shape)}")  # fmt: skip
+        _check_labels(y, what, num_classes)
+        return
+    n = len(dataset)
+    for i in sorted({int(i) for i in torch.linspace(0, n - 1, min(_CHECKED_SAMPLES, n))}):
+        x, y = _item(dataset, i, what)
+        if x.shape != shape:
+            raise ValueError(
+                f"{what}[{i}] has an input of shape {tuple(x.shape)}, the model takes "
+                f"{tuple(shape)} (train_set's first input)"
+            )
+        if y.dim() != 0:
+            raise ValueError(f"{what}[{i}]: the label must be one integer, got shape "
+                             f"{tuple(y.shape)}")  # fmt: skip
+        _check_labels(y, f"{what}[{i}]", num_classes)
+
+
+def _check_model_and_data(
+    model: nn.Module, train_set: Dataset, test_set: Dataset, example: torch.Tensor | None
+) -> tuple[OwnModel, tuple[Dataset, Dataset, DataInfo], Units]:
+    """The checked model (a CPU copy), data and units; ValueError/TypeError, one line, if not."""
+    x0, _y0 = _item(train_set, 0, "train_set")
+    if example is None:
+        example = torch.zeros(2, *x0.shape, dtype=x0.dtype)
+    elif not isinstance(example, torch.Tensor):
+        raise TypeError(f"example_inputs must be a tensor, got {type(example).__name__}")
+    elif example.shape[1:] != x0.shape:
+        raise ValueError(
+            f"example_inputs has samples of shape {tuple(example.shape[1:])}, train_set's "
+            f"inputs have {tuple(x0.shape)}"
+        )
+    example = example.detach().cpu()
+    try:
+        probe = copy.deepcopy(model).cpu()
+    except Exception as e:
+        raise TypeError(f"the model cannot be copied (copy.deepcopy): {_one_line(e)}") from None
+    was_training = probe.training
+    try:
+        with torch.no_grad():
+            logits = probe.eval()(example)
+    except Exception as e:
+        raise ValueError(
+            f"the model fails on inputs of shape {tuple(example.shape)} (train_set's, batched): "
+            f"{_one_line(e)}"
+        ) from None
+    finally:
+        probe.train(was_training)
+    if not (isinstance(logits, torch.Tensor) and logits.dim() == 2 and len(logits) == len(example)):
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(
+            f"the model must return (batch, classes) logits; on a batch of {len(example)} it "
+            f"returned {got}"
+        )
+    num_classes = int(logits.shape[1])
+    if num_classes < 2:
+        raise ValueError(f"the model outputs {num_classes} class; a classifier needs >= 2")
+    try:
+        units = discover_units(probe, example)
+    except Exception as e:
+        raise ValueError(f"Torch-Pruning cannot trace the model: {_one_line(e)}") from None
+    if units.num_units == 0:
+        raise ValueError(
+            "the model has nothing to prune: no hidden Conv2d/Linear output channel (the last "
+            "layer's outputs are the classes)"
+        )
+    _check_data(train_set, "train_set", x0.shape, num_classes)
+    _check_data(test_set, "test_set", x0.shape, num_classes)
+    _check_slimming(probe, units, train_set, example)
+    shape = tuple(x0.shape)
+    info = DataInfo(
+        name=f"custom:{type(train_set).__qualname__}",
+        num_classes=num_classes,
+        in_channels=shape[0] if len(shape) >= 2 else 1,
+        train_size=len(train_set),
+        test_size=len(test_set),
+    )
+    return OwnModel(probe, example), (train_set, test_set, info), units
+
+
+@torch.no_grad()
+def _check_slimming(model: nn.Module, units: Units, train_set: Dataset, example: torch.Tensor):
+    """Slim ``model`` at a random state and compare it with the masked model on real inputs:
+    some graphs trace but slim wrongly (a channel shuffle, a raw nn.Parameter in F.conv2d)."""
+    x, _ = fetch_batch(train_set, torch.arange(min(8, len(train_set))))
+    state = torch.rand(units.num_units, generator=torch.Generator().manual_seed(0)) < 0.5
+    was_training = model.training
+    masker = Masker(model, units)
+    try:
+        with torch.enable_grad():  # Torch-Pruning traces the autograd graph
+            slim = slim_model(model, units, state, example).eval()
+        model.eval()
+        with masker.applied(state):
+            masked = model(x)
+        got = slim(x)
+    except Exception as e:
+        raise ValueError(f"Torch-Pruning cannot slim the model: {_one_line(e)}") from None
+    finally:
+        masker.remove()
+        model.train(was_training)
+    tol = 1e-4 * (1.0 + float(masked.abs().max()))
+    diff = float((got - masked).abs().max()) if got.shape == masked.shape else float("inf")
+    if not diff <= tol:
+        raise ValueError(
+            f"Torch-Pruning traces the model but slims it wrongly (the slimmed copy differs from "
+            f"the masked model by {diff:.3g}): an operation mixes channels in a way it does not "
+            "follow (a channel shuffle, a raw nn.Parameter in F.conv2d, ...)"
+        )
+
+
+def _input_size(example: torch.Tensor) -> dict[str, int]:
+    """The config's input_size for a user's images (C, H, W): their width, for the record."""
+    if example.dim() == 4 and 1 <= example.shape[-1] <= 1024:
+        return {"input_size": int(example.shape[-1])}
+    return {}

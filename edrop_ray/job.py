@@ -14,23 +14,50 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import yaml
+from torch import nn
 
 from . import __version__, store
 from .budget import budget_report, counter_for
 from .config import Config, config_from_dict, config_to_dict, dense_key, validate
 from .data import load_for
 from .errors import RunInterrupted, UserError
-from .loop import Learner, measure_pruned, resolve_device, run_dense, run_edropout
+from .loop import (
+    Learner,
+    OwnModel,
+    measure_pruned,
+    new_learner,
+    resolve_device,
+    run_dense,
+    run_edropout,
+)
 from .report import Progress, print_summary, write_plots
 from .search import Search
 from .seeds import STREAMS_VERSION
 from .slim import kept_per_layer, save_pruned
 
-__all__ = ["prune", "resume", "dense_baseline", "train_dense", "load_data", "check_inputs"]
+__all__ = [
+    "prune",
+    "run_new",
+    "RunOutcome",
+    "resume",
+    "dense_baseline",
+    "train_dense",
+    "load_data",
+    "check_inputs",
+]
+
+
+class RunOutcome(NamedTuple):
+    """What a finished run leaves besides its folder: the report (report.json's contents), the
+    physically slimmed model (CPU, as saved in pruned_model.pt) and the final mask ((D,) bool)."""
+
+    report: dict[str, Any]
+    model: nn.Module
+    mask: torch.Tensor
 
 
 def _cache_dir() -> Path:
@@ -64,22 +91,32 @@ def dense_cache_path(cfg: Config, train_set, test_set) -> Path:
     return _cache_dir() / "dense" / f"{key}.json"
 
 
-def train_dense(learner: Learner, test_set) -> dict[str, Any]:
+def train_dense(learner: Learner, test_set, *, cache: bool = True) -> dict[str, Any]:
     """Train ``learner`` dense for its whole budget, evaluate it, and record the result as the
-    cached dense baseline of its config (``edrop-ray compare`` keeps the trained model)."""
+    cached dense baseline of its config (``edrop-ray compare`` keeps the trained model).
+    ``cache=False`` records nothing (a user's own model: the key does not know its code)."""
     t0 = time.perf_counter()
     run_dense(learner)
     result = learner.evaluate(test_set, None)
     result["wall_s"] = time.perf_counter() - t0
+    if not cache:
+        return result
     path = dense_cache_path(learner.cfg, learner.train_set, test_set)
     path.parent.mkdir(parents=True, exist_ok=True)
     store.write_json(path, result)
     return result
 
 
-def dense_baseline(cfg: Config, data, device: torch.device) -> dict[str, Any]:
-    """Top-1/Top-5 of the dense model trained with the same budget; cached per config and seed."""
-    train_set, test_set, _info = data
+def dense_baseline(
+    cfg: Config, data, device: torch.device, own: OwnModel | None = None
+) -> dict[str, Any]:
+    """Top-1/Top-5 of the dense model trained with the same budget; cached per config and seed.
+
+    With ``own`` (a user's network) it is a copy of that network trained dense from the weights
+    it holds, never cached: the cache key holds names, not the user's code and weights."""
+    train_set, test_set, info = data
+    if own is not None:
+        return train_dense(own.learner(cfg, train_set, info, device), test_set, cache=False)
     path = dense_cache_path(cfg, train_set, test_set)
     if path.is_file():
         try:
@@ -94,14 +131,16 @@ def dense_baseline(cfg: Config, data, device: torch.device) -> dict[str, Any]:
     return train_dense(Learner(cfg, train_set, info, device), test_set)
 
 
-def _start_backend(cfg: Config, local: Learner):
+def _start_backend(cfg: Config, local: Learner, own: OwnModel | None = None):
     """(learner, search, runtime) for the chosen backend; runtime is None in process."""
     counter = counter_for(cfg, local.model, local.units, local.example)
     if cfg.backend == "local":
         return local, Search(cfg, local.units.num_units, counter=counter), None
     from .distributed.runner import RayRuntime  # Ray is imported only when asked for
 
-    runtime = RayRuntime(cfg, local.info, local.units.num_units, counter=counter)
+    runtime = RayRuntime(
+        cfg, local.info, local.units.num_units, counter=counter, own=own, train_set=local.train_set
+    )
     return runtime.learner, runtime.search, runtime
 
 
@@ -120,9 +159,10 @@ def load_data(cfg: Config):
         ) from None
 
 
-def check_inputs(cfg: Config, data) -> torch.device:
-    """Every check of a run's input that needs the data or the machine; writes nothing."""
-    validate(cfg)
+def check_inputs(cfg: Config, data, *, names: bool = True) -> torch.device:
+    """Every check of a run's input that needs the data or the machine; writes nothing.
+    ``names=False``: the model and data are the user's own, not names of the registries."""
+    validate(cfg, names=names)
     train_set, _test_set, _info = data
     if len(train_set) < cfg.batch_size:
         raise UserError(
@@ -164,28 +204,52 @@ def prune(cfg: Config, out: str | Path, *, overwrite: bool = False, quiet: bool 
     ``OUT.new`` and swapped in at the end. A new run that fails before its first checkpoint is
     removed, so the disk is as it was.
     """
-    validate(cfg)
+    return run_new(cfg, out, overwrite=overwrite, quiet=quiet).report
+
+
+def run_new(
+    cfg: Config,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+    data=None,
+    own: OwnModel | None = None,
+) -> RunOutcome:
+    """:func:`prune`, returning the slimmed model and the mask with the report.
+
+    ``data`` ((train, test, DataInfo)) replaces the data named by ``cfg.dataset``, and ``own``
+    the model named by ``cfg.model`` (the Python API: :func:`edrop_ray.prune`).
+    """
+    names = own is None
+    validate(cfg, names=names)
     store.check_out(out, overwrite=overwrite)
-    data = load_data(cfg)
-    device = check_inputs(cfg, data)
+    data = load_data(cfg) if data is None else data
+    device = check_inputs(cfg, data, names=names)
     run_dir = store.stage_out(out, config=config_to_dict(cfg))
     try:
         store.write_yaml(run_dir / "config.yaml", config_to_dict(cfg))
-        report = _execute(cfg, run_dir, data, device, checkpoint=None, quiet=quiet)
+        outcome = _execute(cfg, run_dir, data, device, checkpoint=None, quiet=quiet, own=own)
     except BaseException as e:
         kept = store.abandon_out(run_dir)
         if isinstance(e, KeyboardInterrupt):
             raise RunInterrupted(run_dir if kept else None, Path(out)) from None
         raise
     store.commit_out(run_dir)
-    return report
+    return outcome
 
 
 def resume(run_dir: str | Path, *, quiet: bool = False) -> dict:
     """Continue a stopped run from its last checkpoint to the same result as an unbroken run."""
     path = store.open_resumable(run_dir)
     blob = store.load_checkpoint(path)
-    cfg = config_from_dict(blob.get("config"), f"the checkpoint of {str(path)!r}")
+    started = blob.get("config")
+    if isinstance(started, dict) and str(started.get("model", "")).startswith("custom:"):
+        raise UserError(
+            f"run {str(path)!r} pruned your own network ({started['model'][7:]}) from Python; "
+            "resume cannot rebuild it: run edrop_ray.prune(..., out=..., overwrite=True) again"
+        )
+    cfg = config_from_dict(started, f"the checkpoint of {str(path)!r}")
     _check_config_file(path, blob["config"])
     check_streams(blob, path)
     data = load_data(cfg)
@@ -194,7 +258,7 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> dict:
     if marker.get("replaces"):  # a staged --overwrite run: its target must still be replaceable
         store.check_out(path.parent / marker["replaces"], overwrite=True)
     try:
-        report = _execute(cfg, path, data, device, checkpoint=blob, quiet=quiet)
+        report = _execute(cfg, path, data, device, checkpoint=blob, quiet=quiet).report
     except KeyboardInterrupt:
         raise RunInterrupted(path, path) from None
     store.commit_out(path)
@@ -232,16 +296,25 @@ def _check_config_file(path: Path, started: dict[str, Any]) -> None:
             )
 
 
-def _execute(cfg, run_dir: Path, data, device, *, checkpoint: dict | None, quiet: bool) -> dict:
+def _execute(
+    cfg,
+    run_dir: Path,
+    data,
+    device,
+    *,
+    checkpoint: dict | None,
+    quiet: bool,
+    own: OwnModel | None = None,
+) -> RunOutcome:
     train_set, test_set, info = data
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     t0 = time.perf_counter()
-    dense = dense_baseline(cfg, data, device)
+    dense = dense_baseline(cfg, data, device, own)
 
     # In process this learner trains; with Ray it only receives the final weights for the report.
-    local = Learner(cfg, train_set, info, device)
-    learner, search, runtime = _start_backend(cfg, local)
+    local = new_learner(cfg, train_set, info, device, own)
+    learner, search, runtime = _start_backend(cfg, local, own)
     history: list[dict[str, Any]] = []
     snapshots: list[dict[str, Any]] = []
     wall_before = 0.0
@@ -294,18 +367,21 @@ def _execute(cfg, run_dir: Path, data, device, *, checkpoint: dict | None, quiet
     finally:
         if runtime is not None:
             runtime.shutdown()
-    report = _finish(cfg, run_dir, learner, search, test_set, dense, history, snapshots)
+    slim, report = _finish(
+        cfg, run_dir, learner, search, test_set, dense, history, snapshots, own=own
+    )
     report["wall_s"] = wall_before + time.perf_counter() - t0
     report["weights_transport"] = runtime.transport_name if runtime is not None else "in process"
     store.write_json(run_dir / "report.json", report)
     (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete: report.json is
     if not quiet:
         print_summary(report)
-    return report
+    return RunOutcome(report, slim, search.best.clone())
 
 
-def _finish(cfg, run_dir, learner, search, test_set, dense, history, snapshots) -> dict:
-    """Evaluate, slim and save the final model; write history, population, mask and plots."""
+def _finish(cfg, run_dir, learner, search, test_set, dense, history, snapshots, *, own=None):
+    """Evaluate, slim and save the final model; write history, population, mask and plots.
+    Returns (the slimmed model, the report)."""
     final = search.best.clone()
     recalibration = {}
     if cfg.bn_recalibrate:
@@ -326,12 +402,13 @@ def _finish(cfg, run_dir, learner, search, test_set, dense, history, snapshots) 
         input_size=cfg.input_size,
         small_input=cfg.small_input,
         state=final,
+        input_shape=None if own is None else tuple(own.example.shape[1:]),
     )
     store.save_torch(run_dir / "mask.pt", {"mask": final, "layers": learner.units.layer_of_units()})
     store.write_history(run_dir / "history.parquet", history)
     store.write_population(run_dir / "population.parquet", snapshots)
     write_plots(run_dir, history)
-    return {
+    return slim, {
         "dataset": cfg.dataset,
         "model": cfg.model,
         "seed": cfg.seed,

@@ -10,10 +10,12 @@ uninterrupted one does.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -26,13 +28,15 @@ from .data import DataInfo
 from .devices import resolve_device  # re-exported: the CLI, job and compare import it here
 from .energy import compute_energies
 from .errors import UserError
-from .models import build_replica
+from .models import build_replica, replica_of
 from .seeds import stream, stream_seed
 from .slim import count_params_macs, slim_model
 from .train import build_optimizer, evaluate, train_step
 
 __all__ = [
     "Learner",
+    "OwnModel",
+    "new_learner",
     "TrainingSide",
     "SearchSide",
     "resolve_device",
@@ -67,21 +71,41 @@ def test_batches(dataset: Dataset, batch_size: int):
 
 
 class Learner:
-    """Model, optimiser, masking hooks and the seeded data order of one run."""
+    """Model, optimiser, masking hooks and the seeded data order of one run.
 
-    def __init__(self, cfg: Config, train_set: Dataset, info: DataInfo, device: torch.device):
+    The model is built from ``cfg.model`` with seeded weights, or is ``model`` (a user's own
+    network, trained from the weights it holds; this learner trains it in place) with
+    ``example_inputs``, one CPU batch on which its units are traced.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        train_set: Dataset,
+        info: DataInfo,
+        device: torch.device,
+        *,
+        model: nn.Module | None = None,
+        example_inputs: torch.Tensor | None = None,
+    ):
         self.cfg = cfg
         self.train_set = train_set
         self.info = info
         self.device = device
-        torch.manual_seed(stream_seed(cfg.seed, "init"))  # the weights' initialisation
-        replica = build_replica(cfg, info, device)
+        if model is None:
+            torch.manual_seed(stream_seed(cfg.seed, "init"))  # the weights' initialisation
+            replica = build_replica(cfg, info, device)
+        else:
+            if example_inputs is None:
+                raise ValueError("a Learner given a model needs its example_inputs")
+            replica = replica_of(model, example_inputs, cfg, device)
         self.model, self.units, self.masker = replica.model, replica.units, replica.masker
         self.example, self.memory_format = replica.example, replica.memory_format
         # Dropout (AlexNet, SqueezeNet) draws from torch's global generator. The learner keeps
         # that generator's state as its own, swaps it in around each training step and saves it
         # in checkpoints, so a resumed run draws the same dropout masks as an unbroken one. It
-        # starts on its own stream, not where the initialisation left the global generator.
+        # starts on its own stream, not where the initialisation left the global generator (a
+        # user's model: the caller's global generator is left as it was).
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(stream_seed(cfg.seed, "dropout"))
             self.rng_state = self._global_rng_state()
@@ -235,6 +259,41 @@ class Learner:
             if self.device.type != "cuda":
                 rng.pop("cuda", None)  # a CUDA run resumed on a CPU keeps the CPU stream
             self.rng_state = rng
+
+
+@dataclass(frozen=True)
+class OwnModel:
+    """A user's own network for a run (the Python API, :func:`edrop_ray.prune`).
+
+    module: on the CPU, with the weights the run starts from. It is never trained itself: every
+    learner of the run (the dense baseline's, EDropout's) trains a deep copy of it.
+    example: one CPU input batch, (B, ...), on which the units are traced and counted.
+    """
+
+    module: nn.Module
+    example: torch.Tensor
+
+    def learner(
+        self, cfg: Config, train_set: Dataset, info: DataInfo, device: torch.device
+    ) -> Learner:
+        """A :class:`Learner` that trains a fresh copy of :attr:`module`."""
+        return Learner(
+            cfg,
+            train_set,
+            info,
+            device,
+            model=copy.deepcopy(self.module),
+            example_inputs=self.example,
+        )
+
+
+def new_learner(
+    cfg: Config, train_set: Dataset, info: DataInfo, device: torch.device, own: OwnModel | None
+) -> Learner:
+    """The learner of a run: ``cfg.model`` built from its name, or a copy of the user's ``own``."""
+    if own is None:
+        return Learner(cfg, train_set, info, device)
+    return own.learner(cfg, train_set, info, device)
 
 
 class TrainingSide(Protocol):

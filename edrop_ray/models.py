@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .data import DataInfo
 
-__all__ = ["MODELS", "build_model", "example_input", "Replica", "build_replica"]
+__all__ = ["MODELS", "build_model", "example_input", "Replica", "build_replica", "replica_of"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": tvm.resnet18,
@@ -102,7 +102,15 @@ def build_replica(cfg: Config, info: DataInfo, device: torch.device) -> Replica:
         in_channels=info.in_channels,
         small_input=cfg.small_input,
     )
-    example = example_input(info.in_channels, cfg.input_size)
+    return replica_of(model, example_input(info.in_channels, cfg.input_size), cfg, device)
+
+
+def replica_of(
+    model: nn.Module, example: torch.Tensor, cfg: Config, device: torch.device
+) -> Replica:
+    """:func:`build_replica` for a model that already exists (a user's own, with its weights):
+    its units traced on the CPU with ``example`` (a CPU batch), then moved to ``device``."""
+    model = model.to("cpu")
     units = discover_units(model, example)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=fmt)

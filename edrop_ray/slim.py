@@ -15,6 +15,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .errors import UserError
 from .models import build_model
 from .units import Units, build_dependency
 
@@ -93,39 +94,55 @@ def save_pruned(
     input_size: int,
     small_input: bool,
     state: torch.Tensor,
+    input_shape: tuple[int, ...] | None = None,
 ) -> None:
     """Save the slimmed model as plain tensors and its recipe (loads with ``weights_only=True``).
 
     The recipe (architecture, classes, input shape, mask) rebuilds the slimmed architecture; see
-    :func:`load_pruned`.
+    :func:`load_pruned`. ``input_shape`` (one sample's, e.g. (C, H, W)) is recorded for a
+    user's own model, whose architecture is no name of the grid.
     """
-    torch.save(
-        {
-            "format": "edrop_ray.pruned/1",
-            "model": model_name,
-            "num_classes": num_classes,
-            "in_channels": in_channels,
-            "input_size": input_size,
-            "small_input": small_input,
-            "mask": state.cpu().bool(),
-            "state_dict": {k: v.cpu() for k, v in slim.state_dict().items()},
-        },
-        path,
-    )
+    blob = {
+        "format": "edrop_ray.pruned/1",
+        "model": model_name,
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "input_size": input_size,
+        "small_input": small_input,
+        "mask": state.cpu().bool(),
+        "state_dict": {k: v.cpu() for k, v in slim.state_dict().items()},
+    }
+    if input_shape is not None:
+        blob["input_shape"] = [int(n) for n in input_shape]
+    torch.save(blob, path)
 
 
-def load_pruned(path: str | Path) -> nn.Module:
-    """Load a model saved by :func:`save_pruned`: a runnable, physically slimmed ``nn.Module``."""
+def load_pruned(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Load a model saved by :func:`save_pruned`: a runnable, physically slimmed ``nn.Module``.
+
+    A run of a user's own network (:func:`edrop_ray.prune`; its ``model`` is ``custom:<class>``)
+    names no architecture of the grid: pass ``model``, an instance of the same network (its
+    weights do not matter), and it is slimmed by the saved mask and given the saved weights.
+    """
     from .units import discover_units  # local: only loading needs tracing
 
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(
-        blob["model"],
-        num_classes=blob["num_classes"],
-        in_channels=blob["in_channels"],
-        small_input=blob["small_input"],
-    )
-    x = torch.zeros(2, blob["in_channels"], blob["input_size"], blob["input_size"])
+    if model is None:
+        if str(blob["model"]).startswith("custom:"):
+            raise UserError(
+                f"{str(path)!r} holds your own network {blob['model'][7:]!r}, not one of the "
+                "grid: load it with edrop_ray.slim.load_pruned(path, model=<a new instance>)"
+            )
+        model = build_model(
+            blob["model"],
+            num_classes=blob["num_classes"],
+            in_channels=blob["in_channels"],
+            small_input=blob["small_input"],
+        )
+    else:
+        model = copy.deepcopy(model).cpu().float()
+    shape = blob.get("input_shape") or [blob["in_channels"], blob["input_size"], blob["input_size"]]
+    x = torch.zeros(2, *shape)
     units = discover_units(model, x)
     slim = slim_model(model, units, blob["mask"], x)
     slim.load_state_dict(blob["state_dict"])

@@ -26,7 +26,7 @@ from ..data import DataInfo, load_for
 from ..devices import set_cpu_threads, worker_device
 from ..energy import compute_energies
 from ..loop import Learner
-from ..models import build_replica
+from ..models import build_replica, replica_of
 from ..search import Search
 from ..store import pack_states, unpack_states
 from .pool import EvaluatorPool, InputsLost
@@ -36,13 +36,21 @@ __all__ = ["Trainer", "Evaluator", "Coordinator", "InputsLost"]
 
 
 class Trainer:
-    """Owns the model and optimiser; trains with the best state and publishes weights."""
+    """Owns the model and optimiser; trains with the best state and publishes weights.
 
-    def __init__(self, cfg: Config, cpus: float):
+    own, data: a user's own network (:class:`~edrop_ray.loop.OwnModel`) and its
+    ``(train_set, info)``, shipped once through the object store; else both come from ``cfg``.
+    """
+
+    def __init__(self, cfg: Config, cpus: float, own=None, data=None):
         set_cpu_threads(cfg.cpu_threads, cpus)
-        train_set, _test, info = load_for(cfg)
         self.cfg = cfg
-        self.learner = Learner(cfg, train_set, info, worker_device(cfg.device))
+        if own is None:
+            train_set, _test, info = load_for(cfg)
+            self.learner = Learner(cfg, train_set, info, worker_device(cfg.device))
+        else:
+            train_set, info = data
+            self.learner = own.learner(cfg, train_set, info, worker_device(cfg.device))
         self.member: GroupMember | None = None
         self._packed = -1  # the weights version in the broadcast buffer
 
@@ -100,14 +108,18 @@ class Trainer:
 
 
 class Evaluator:
-    """A model replica that judges a shard of candidate states on the generation's batch."""
+    """A model replica that judges a shard of candidate states on the generation's batch
+    (``cfg.model``, or ``own``: a user's network, this actor's own unpickled copy)."""
 
-    def __init__(self, cfg: Config, info: DataInfo, index: int):
+    def __init__(self, cfg: Config, info: DataInfo, index: int, own=None):
         set_cpu_threads(cfg.cpu_threads, cfg.cpus_per_evaluator)
         self.cfg = cfg
         self.index = index
         self.device = worker_device(cfg.device)
-        replica = build_replica(cfg, info, self.device)
+        if own is None:
+            replica = build_replica(cfg, info, self.device)
+        else:
+            replica = replica_of(own.module, own.example, cfg, self.device)
         self.model, self.units, self.masker = replica.model.eval(), replica.units, replica.masker
         self.memory_format = replica.memory_format
         self.member: GroupMember | None = None

@@ -82,11 +82,29 @@ def plan_resources(cfg: Config, cluster: dict[str, float]) -> tuple[int, float, 
 
 
 class RayRuntime:
-    """The actors of one run, placed on the cluster."""
+    """The actors of one run, placed on the cluster.
 
-    def __init__(self, cfg: Config, info: DataInfo, num_units: int, *, counter=None):
+    own, train_set: a user's own network (:class:`~edrop_ray.loop.OwnModel`: the module, pickled
+    with its weights, and its example inputs) and training set, put in the object store once
+    and built by every actor from there; without them the actors build ``cfg.model`` and load
+    ``cfg.dataset`` themselves.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        info: DataInfo,
+        num_units: int,
+        *,
+        counter=None,
+        own=None,
+        train_set=None,
+    ):
         self.cfg = cfg
         self.started_ray = connect(cfg)
+        own_ref = data_ref = None
+        if own is not None:  # one copy in the object store, read by every actor
+            own_ref, data_ref = ray.put(own), ray.put((train_set, info))
         cluster = ray.cluster_resources()
         n, per_eval, trainer_gpus = plan_resources(cfg, cluster)
         # auto: a private instance lends the trainer every core (it and the evaluators take
@@ -123,13 +141,13 @@ class RayRuntime:
                     placement_group=self.pg, placement_group_bundle_index=i
                 ),
             )
-            .remote(cfg, info, i)
+            .remote(cfg, info, i, own_ref)
             for i in range(n)
         ]
         self.trainer = (
             ray.remote(Trainer)
             .options(num_cpus=trainer_cpus, num_gpus=trainer_gpus, max_restarts=0)
-            .remote(cfg, trainer_cpus)
+            .remote(cfg, trainer_cpus, own_ref, data_ref)
         )
         # How the weights travel depends on where the ranks landed (trainer first).
         ranks = ray.get(
