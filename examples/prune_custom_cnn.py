@@ -5,7 +5,7 @@ for a few epochs in a plain PyTorch loop on scikit-learn's digits (shipped insid
 no download), then handed to ``edrop_ray.prune`` with the weights it learned: EDropout searches
 the channels to drop, fine-tunes the kept weights, and returns the physically slimmed network.
 
-    python examples/prune_custom_cnn.py                 # a few minutes on 2 CPUs
+    python examples/prune_custom_cnn.py                 # about 50 s on 2 idle CPUs
     python examples/prune_custom_cnn.py --tiny          # a few seconds (the tests run this)
     python examples/prune_custom_cnn.py --out runs/cnn  # also keep the run folder
 """
