@@ -78,12 +78,13 @@ class _StemFound(Exception):
         self.module = module
 
 
-def find_stem(model: nn.Module, size: int = 224) -> tuple[str, nn.Conv2d]:
-    """``(name, conv)`` of the first ``Conv2d`` that a 1x3x``size``x``size`` input reaches.
+def find_stem(model: nn.Module, size: int = 224, in_channels: int = 3) -> tuple[str, nn.Conv2d]:
+    """``(name, conv)`` of the first ``Conv2d`` that a 1x``in_channels``x``size``x``size`` input
+    reaches.
 
     The model runs (eval, no grad) only until that convolution is called: a pre-hook on every
     ``Conv2d`` stops the forward pass there, so the ops before the stem are all that run. The
-    stem must take the 3 input channels itself (not a tensor made from them with more channels).
+    stem must take the input channels itself (not a tensor made from them with more channels).
     """
 
     def stop(module: nn.Module, _inputs) -> None:
@@ -95,15 +96,15 @@ def find_stem(model: nn.Module, size: int = 224) -> tuple[str, nn.Conv2d]:
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, 3, size, size))
+            model(torch.zeros(1, in_channels, size, size))
     except _StemFound as e:
         found = e.module
     finally:
         model.train(was_training)
         for h in hooks:
             h.remove()
-    if found is None or found.in_channels != 3 or found.groups != 1:
-        raise ValueError("no plain Conv2d on the 3 input channels is the first layer")
+    if found is None or found.in_channels != in_channels or found.groups != 1:
+        raise ValueError(f"no plain Conv2d on the {in_channels} input channels is the first layer")
     name = next(n for n, m in model.named_modules() if m is found)
     return name, found
 
