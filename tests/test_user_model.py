@@ -192,6 +192,10 @@ def boom(num_classes, in_channels):
     raise RuntimeError("no GPU here")
 
 
+def text(num_classes, in_channels):
+    return "a model"
+
+
 def not_a_pair():
     return 3
 
@@ -202,7 +206,9 @@ def small(num_classes, in_channels):
 
 BAD = {
     "module-not-found": (["model=nope.mod:fn"], "no module named 'nope'"),
-    "wrong-type": (["model=os:getcwd"], "returned a str, not a torch.nn.Module"),
+    "not-a-factory": (["model=os:getcwd"], "'os:getcwd' raised TypeError"),
+    "wrong-type": (["model=usermods:text"], "returned a str, not a torch.nn.Module"),
+    "dataset-wrong-type": (["dataset=os:getcwd"], "returned a str, not (train, test)"),
     "factory-raises": (["model=usermods:boom"], "'usermods:boom' raised RuntimeError: no GPU here"),
     "no-attribute": (["model=usermods:nothing"], "has no attribute 'nothing'"),
     "dataset-not-a-pair": (["dataset=usermods:not_a_pair"], "returned a int, not (train, test)"),
