@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
-from .imports import check_import_path, is_import_path
+from .imports import check_import_path, is_import_path, module_file
 
 __all__ = [
     "Config",
@@ -408,7 +408,7 @@ def dense_key(cfg: Config) -> str:
     if cfg.init_weights:
         d["init_weights"] = _file_digest(Path(cfg.init_weights).expanduser())
     if is_import_path(cfg.model):
-        d["model_source"] = _module_digest(cfg.model.partition(":")[0])
+        d["model_source"] = _module_digest(cfg.model)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -419,13 +419,7 @@ def _file_digest(path: Path) -> str:
         return f"unreadable:{path}"
 
 
-def _module_digest(module: str) -> str:
-    """The sha256 of a module's source file, found without running it (parents are imported)."""
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        spec = None
-    origin = getattr(spec, "origin", None)
-    return _file_digest(Path(origin)) if origin else f"unknown:{module}"
+def _module_digest(path: str) -> str:
+    """The sha256 of an import path's source file (see imports.module_file)."""
+    origin = module_file(path)
+    return _file_digest(Path(origin)) if origin else f"unknown:{path}"

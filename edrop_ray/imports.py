@@ -17,7 +17,13 @@ from typing import Any
 
 from .errors import UserError
 
-__all__ = ["is_import_path", "check_import_path", "resolve_callable", "describe_exception"]
+__all__ = [
+    "is_import_path",
+    "check_import_path",
+    "resolve_callable",
+    "module_file",
+    "describe_exception",
+]
 
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _PATTERN = re.compile(rf"{_NAME}(\.{_NAME})*:{_NAME}(\.{_NAME})*")
@@ -44,13 +50,31 @@ def describe_exception(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def _put_cwd_on_path() -> str:
+    cwd = os.getcwd()
+    if cwd not in sys.path:  # what `python -m` and `ray job submit --working-dir .` give
+        sys.path.insert(0, cwd)
+    return cwd
+
+
+def module_file(text: str) -> str | None:
+    """The source file of an import path's module, found without running the module itself
+    (its parent packages are imported); None when it cannot be found."""
+    import importlib.util
+
+    _put_cwd_on_path()
+    try:
+        spec = importlib.util.find_spec(text.partition(":")[0])
+    except (ImportError, ValueError):
+        return None
+    return getattr(spec, "origin", None)
+
+
 def resolve_callable(key: str, text: str) -> Callable[..., Any]:
     """Import ``package.module:callable`` and return the callable; one UserError line if not."""
     check_import_path(key, text)
     module_name, _, attr = text.partition(":")
-    cwd = os.getcwd()
-    if cwd not in sys.path:  # what `python -m` and `ray job submit --working-dir .` give
-        sys.path.insert(0, cwd)
+    cwd = _put_cwd_on_path()
     try:
         obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
