@@ -364,13 +364,17 @@ def load_user_datasets(path: str, *, input_size: int) -> tuple[Dataset, Dataset,
         raise UserError(
             f"{where}: its items are not (input, label) pairs of tensors ({describe_exception(e)})"
         ) from None
-    if x.dim() != 3 or not x.is_floating_point():
+    if x.dim() != 3 or x.dtype != torch.float32:
         raise UserError(
-            f"{where}: its inputs must be float tensors (C, H, W), got {x.dtype} of shape "
+            f"{where}: its inputs must be float32 tensors (C, H, W), got {x.dtype} of shape "
             f"{tuple(x.shape)}"
         )
-    if labels.is_floating_point() or labels.is_complex() or bool((labels < 0).any()):
-        raise UserError(f"{where}: its labels must be integers >= 0, got {labels.dtype} labels")
+    # cross-entropy takes int64 targets; Python ints collate to int64
+    if labels.dtype != torch.int64 or bool((labels < 0).any()):
+        raise UserError(
+            f"{where}: its labels must be int64 integers >= 0 (torch.long), got {labels.dtype}; "
+            "convert them with .long()"
+        )
     height, width = x.shape[1:]
     if height != width:
         raise UserError(f"{where}: its inputs are {height}x{width}; resize them to a square")

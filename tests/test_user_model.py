@@ -152,6 +152,10 @@ def test_user_data_infers_channels_and_classes(monkeypatch):
     assert (info.num_classes, info.in_channels) == (5, 3)  # `classes`, not the largest label
     with pytest.raises(UserError, match="add --set input_size=4"):
         load_user_datasets("examples.user_model:named", input_size=8)
+    pair = (TensorDataset(x, torch.zeros(6, dtype=torch.int32)),) * 2
+    monkeypatch.setattr(um, "named", lambda: pair)
+    with pytest.raises(UserError, match="labels must be int64"):
+        load_user_datasets("examples.user_model:named", input_size=4)
 
 
 # --------------------------------------------------------------------------- end to end
