@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .imports import check_import_path, is_import_path, module_file
 
 __all__ = [
     "Config",
@@ -48,8 +49,9 @@ class Config:
     data_root: str = "data"
     download: bool = False
     input_size: int = 32
-    model: str = "resnet18"
+    model: str = "resnet18"  # a torchvision classifier's name, or package.module:callable
     small_input: bool = True  # 3x3 stride-1 stem for 28-32 px inputs
+    init_weights: str = ""  # a state_dict file loaded before pruning (and before the dense run)
     # --- training
     epochs: int = 5
     batch_size: int = 64
@@ -319,16 +321,25 @@ def validate(cfg: Config, *, names: bool = True) -> Config:
         cfg.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", cfg.device),
         f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}",
     )
+    # An import path's syntax only: the import itself runs when the run starts (imports.py).
+    for key in ("model", "dataset"):
+        if is_import_path(getattr(cfg, key)):
+            check_import_path(key, getattr(cfg, key))
     if not names:
         return cfg
     # last: the registries import torchvision, and every check above is answered without it
     from .data import DATASETS
-    from .models import MODELS
+    from .models import model_names
 
-    need(cfg.model in MODELS, f"unknown model {cfg.model!r}; choose one of: {', '.join(MODELS)}")
     need(
-        cfg.dataset in DATASETS,
-        f"unknown dataset {cfg.dataset!r}; choose one of: {', '.join(DATASETS)}",
+        is_import_path(cfg.model) or cfg.model in model_names(),
+        f"unknown model {cfg.model!r}; choose a torchvision classifier (e.g. "
+        f"{', '.join(model_names()[:7])}, mobilenet_v2) or package.module:callable",
+    )
+    need(
+        is_import_path(cfg.dataset) or cfg.dataset in DATASETS,
+        f"unknown dataset {cfg.dataset!r}; choose one of: {', '.join(DATASETS)}, "
+        "or package.module:callable",
     )
     return cfg
 
@@ -392,4 +403,23 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 def dense_key(cfg: Config) -> str:
     """Key of the dense baseline's cache: a hash of the fields that change what it learns."""
     d = {k: getattr(cfg, k) for k in _DENSE_FIELDS}
+    # Only when used, so the keys of runs without them stay as they were: the bytes of the
+    # initial weights, and the source file of a user's model (its code may change, its name not).
+    if cfg.init_weights:
+        d["init_weights"] = _file_digest(Path(cfg.init_weights).expanduser())
+    if is_import_path(cfg.model):
+        d["model_source"] = _module_digest(cfg.model)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return f"unreadable:{path}"
+
+
+def _module_digest(path: str) -> str:
+    """The sha256 of an import path's source file (see imports.module_file)."""
+    origin = module_file(path)
+    return _file_digest(Path(origin)) if origin else f"unknown:{path}"

@@ -5,6 +5,11 @@ Two small sets live fully in memory as ``TensorDataset``s and need no download: 
 split 80/20 with a seed). The rest go through torchvision's own classes in their usual on-disk
 layout under ``data_root``. Missing files are reported as a :class:`UserError` before torchvision
 is asked, because its own error says neither which files nor where.
+
+``dataset`` may also be the user's own function by import path ``package.module:callable``: it is
+called with no arguments and returns ``(train, test)``, map-style datasets of ``(input, label)``
+with inputs ``(C, H, W)`` float tensors, ``H == W == input_size``, and integer labels. They are
+used as they are (no resize, no normalisation); see :func:`load_user_datasets`.
 """
 
 from __future__ import annotations
@@ -21,9 +26,17 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision import datasets, transforms
 
 from edrop_ray.errors import UserError
+from edrop_ray.imports import describe_exception, is_import_path, resolve_callable
 from edrop_ray.seeds import stream
 
-__all__ = ["DATASETS", "DataInfo", "load_datasets", "load_for", "make_loader"]
+__all__ = [
+    "DATASETS",
+    "DataInfo",
+    "load_datasets",
+    "load_user_datasets",
+    "load_for",
+    "make_loader",
+]
 
 DATASETS: tuple[str, ...] = (
     "digits",
@@ -143,10 +156,12 @@ def load_datasets(
     Items are ``(image, label)``: a normalised float tensor ``(C, input_size, input_size)`` and an
     int64 scalar tensor. ``seed`` fixes the train/test split of the two in-memory sets.
     """
-    if name not in DATASETS:
-        raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
         raise UserError(f"input_size must be a positive integer, got {input_size!r}")
+    if is_import_path(name):
+        return load_user_datasets(name, input_size=input_size)
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     root = Path(data_root).expanduser()
     if name == "digits":
         images, labels = _read_digits()
@@ -296,6 +311,86 @@ def _load_vision_datasets(
     in_channels = len(spec.mean)  # one statistic per channel
     info = DataInfo(name, spec.num_classes, in_channels, len(train_set), len(test_set))
     return train_set, test_set, info
+
+
+def _labels_of(dataset: Dataset) -> torch.Tensor:
+    """Every label of ``dataset`` (a TensorDataset's second tensor, else item by item)."""
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is not None and len(tensors) == 2:
+        return tensors[1].reshape(-1)
+    return torch.stack([torch.as_tensor(dataset[i][1]).reshape(()) for i in range(len(dataset))])
+
+
+def load_user_datasets(path: str, *, input_size: int) -> tuple[Dataset, Dataset, DataInfo]:
+    """``(train, test, info)`` from the user's function ``path`` (``package.module:callable``).
+
+    The function is called with no arguments and returns ``(train, test)``. ``info`` is inferred:
+    ``in_channels`` from the first training input ``(C, H, W)``, which must be square with
+    ``H == input_size``; ``num_classes`` is ``len(train.classes)`` when the training set has a
+    ``classes`` attribute (torchvision's convention), else the largest label of either set + 1.
+    """
+    fn = resolve_callable("dataset", path)
+    where = f"dataset {path!r}"
+    try:
+        result = fn()
+    except Exception as e:
+        raise UserError(f"{where} raised {describe_exception(e)} when called as fn()") from None
+    if not (isinstance(result, tuple | list) and len(result) == 2):
+        raise UserError(
+            f"{where} returned a {type(result).__name__}, not (train, test): two map-style "
+            "datasets of (input, label)"
+        )
+    train, test = result
+    for split, ds in (("train", train), ("test", test)):
+        if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
+            raise UserError(
+                f"{where}: its {split} set is a {type(ds).__name__}, not a map-style dataset "
+                "(__getitem__ and __len__), e.g. a TensorDataset"
+            )
+        if len(ds) == 0:
+            raise UserError(f"{where}: its {split} set is empty")
+    try:
+        item = train[0]
+        x, y = item
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        classes = getattr(train, "classes", None)
+        # with `classes` no pass over the data (a large on-disk set would decode every image)
+        labels = (
+            y.reshape(1)
+            if classes is not None
+            else torch.cat([_labels_of(train), _labels_of(test)])
+        )
+    except Exception as e:
+        raise UserError(
+            f"{where}: its items are not (input, label) pairs of tensors ({describe_exception(e)})"
+        ) from None
+    if x.dim() != 3 or x.dtype != torch.float32:
+        raise UserError(
+            f"{where}: its inputs must be float32 tensors (C, H, W), got {x.dtype} of shape "
+            f"{tuple(x.shape)}"
+        )
+    # cross-entropy takes int64 targets; Python ints collate to int64
+    if labels.dtype != torch.int64 or bool((labels < 0).any()):
+        raise UserError(
+            f"{where}: its labels must be int64 integers >= 0 (torch.long), got {labels.dtype}; "
+            "convert them with .long()"
+        )
+    height, width = x.shape[1:]
+    if height != width:
+        raise UserError(f"{where}: its inputs are {height}x{width}; resize them to a square")
+    if height != input_size:
+        raise UserError(
+            f"{where}: its inputs are {height}x{width} px but input_size is {input_size}; "
+            f"add --set input_size={height}"
+        )
+    num_classes = len(classes) if classes is not None else int(labels.max()) + 1
+    if int(labels.max()) >= num_classes:
+        raise UserError(
+            f"{where}: a label is {int(labels.max())} but the training set has "
+            f"{num_classes} classes"
+        )
+    info = DataInfo(path, num_classes, int(x.shape[0]), len(train), len(test))
+    return train, test, info
 
 
 def make_loader(

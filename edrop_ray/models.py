@@ -3,11 +3,22 @@
 torchvision's classifiers are built for 3x224x224 inputs. For 28-32 px inputs with 1 or 3
 channels we swap the first convolution for a 3x3 stride-1 one with the right input channels
 (the usual CIFAR-style stem), from outside: torchvision's code is never edited.
+
+Three sources of a model, one name each (``model`` in the config):
+
+- the seven of the paper's grid (:data:`MODELS`), with their stems swapped by name as before;
+- every other torchvision classifier (``list_models(module=torchvision.models)``), whose stem is
+  the first ``Conv2d`` the input reaches, found by running the model on a 1x3x224x224 input until
+  that convolution is called (:func:`find_stem`);
+- the user's own factory by import path ``package.module:callable``, called as
+  ``fn(num_classes=..., in_channels=...)``; it must return an ``nn.Module`` and is used as it is.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -15,6 +26,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from .errors import UserError
+from .imports import describe_exception, is_import_path, resolve_callable
 from .masking import Masker
 from .units import Units, discover_units
 
@@ -22,7 +34,17 @@ if TYPE_CHECKING:
     from .config import Config
     from .data import DataInfo
 
-__all__ = ["MODELS", "build_model", "example_input", "Replica", "build_replica", "replica_of"]
+__all__ = [
+    "MODELS",
+    "model_names",
+    "build_model",
+    "find_stem",
+    "load_init_weights",
+    "example_input",
+    "Replica",
+    "build_replica",
+    "replica_of",
+]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": tvm.resnet18,
@@ -35,6 +57,13 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+@functools.cache
+def model_names() -> tuple[str, ...]:
+    """Every model name ``model`` takes: the paper's seven first, then torchvision's classifiers."""
+    listed = tvm.list_models(module=tvm)
+    return tuple(MODELS) + tuple(n for n in listed if n not in MODELS)
+
+
 def _small_conv(old: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     # 3x3, stride 1, padding 1: a 32 px image keeps its resolution through the stem.
     return nn.Conv2d(
@@ -42,17 +71,132 @@ def _small_conv(old: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     )
 
 
+class _StemFound(Exception):
+    """Raised by the hook of :func:`find_stem` at the first convolution the input reaches."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+
+def find_stem(model: nn.Module, size: int = 224, in_channels: int = 3) -> tuple[str, nn.Conv2d]:
+    """``(name, conv)`` of the first ``Conv2d`` that a 1x``in_channels``x``size``x``size`` input
+    reaches.
+
+    The model runs (eval, no grad) only until that convolution is called: a pre-hook on every
+    ``Conv2d`` stops the forward pass there, so the ops before the stem are all that run. The
+    stem must take the input channels itself (not a tensor made from them with more channels).
+    """
+
+    def stop(module: nn.Module, _inputs) -> None:
+        raise _StemFound(module)
+
+    hooks = [m.register_forward_pre_hook(stop) for m in model.modules() if type(m) is nn.Conv2d]
+    was_training = model.training
+    found = None
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, in_channels, size, size))
+    except _StemFound as e:
+        found = e.module
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    if found is None or found.in_channels != in_channels or found.groups != 1:
+        raise ValueError(f"no plain Conv2d on the {in_channels} input channels is the first layer")
+    name = next(n for n, m in model.named_modules() if m is found)
+    return name, found
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)  # Sequential children are named "0", "1", ...: same call
+
+
+def _build_torchvision(
+    name: str, *, num_classes: int, in_channels: int, small_input: bool
+) -> nn.Module:
+    """Any torchvision classifier not in :data:`MODELS`, its stem found by :func:`find_stem`.
+
+    With ``small_input`` the stem becomes a 3x3 stride-1 padding-1 convolution over
+    ``in_channels`` with the old one's outputs and bias; without it only the input channels
+    change (kernel, stride, padding and dilation are kept). Auxiliary heads are switched off.
+    """
+    kwargs: dict = {"weights": None, "num_classes": num_classes}
+    if name in ("googlenet", "inception_v3"):
+        kwargs.update(aux_logits=False, init_weights=True)
+    try:
+        model = tvm.get_model(name, **kwargs)
+    except Exception as e:
+        raise UserError(f"model {name!r} cannot be built ({describe_exception(e)})") from None
+    if in_channels == 3 and not small_input:
+        return model
+    try:
+        stem_name, stem = find_stem(model)
+    except Exception as e:
+        raise UserError(
+            f"model {name!r}: no stem convolution to adapt ({describe_exception(e)}); "
+            "try --set small_input=false with 3-channel data, or another model"
+        ) from None
+    if small_input:
+        new = _small_conv(stem, in_channels)
+    else:
+        new = nn.Conv2d(
+            in_channels,
+            stem.out_channels,
+            stem.kernel_size,
+            stride=stem.stride,
+            padding=stem.padding,
+            dilation=stem.dilation,
+            bias=stem.bias is not None,
+            padding_mode=stem.padding_mode,
+        )
+    _set_module(model, stem_name, new)
+    return model
+
+
+def _build_user(path: str, *, num_classes: int, in_channels: int) -> nn.Module:
+    """The user's factory ``fn(num_classes=..., in_channels=...)``; its module used as it is."""
+    fn = resolve_callable("model", path)
+    try:
+        model = fn(num_classes=num_classes, in_channels=in_channels)
+    except Exception as e:
+        raise UserError(
+            f"model {path!r} raised {describe_exception(e)} when called as "
+            f"fn(num_classes={num_classes}, in_channels={in_channels})"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise UserError(
+            f"model {path!r} returned a {type(model).__name__}, not a torch.nn.Module; "
+            "the factory must return the network"
+        )
+    return model
+
+
 def build_model(
     name: str, *, num_classes: int, in_channels: int = 3, small_input: bool = True
 ) -> nn.Module:
-    """Build a torchvision classifier with ``num_classes`` outputs, adapted to small inputs.
+    """Build a classifier with ``num_classes`` outputs, adapted to small inputs.
 
+    ``name`` is one of :func:`model_names` or an import path ``package.module:callable``.
     With ``small_input`` the stem convolution becomes 3x3 stride 1 over ``in_channels``; the
     ResNet stem max-pool is kept (it halves 32 px to 16 px, which keeps CPU runs affordable).
-    Without it, only the input channels are changed.
+    Without it, only the input channels are changed. A user's model is never adapted.
     """
+    if is_import_path(name):
+        return _build_user(name, num_classes=num_classes, in_channels=in_channels)
     if name not in MODELS:
-        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+        if name not in model_names():
+            raise UserError(
+                f"unknown model {name!r}; choose one of: {', '.join(model_names())}, "
+                "or an import path package.module:callable"
+            )
+        return _build_torchvision(
+            name, num_classes=num_classes, in_channels=in_channels, small_input=small_input
+        )
     model = MODELS[name](weights=None, num_classes=num_classes)
     if name.startswith("resnet"):
         stem = model.conv1
@@ -77,6 +221,48 @@ def build_model(
     return model
 
 
+def load_init_weights(model: nn.Module, path: str) -> None:
+    """Load the state_dict file ``path`` into ``model`` (``torch.load(weights_only=True)``).
+
+    Every key and shape must fit: a UserError names the first missing or unexpected key, or the
+    first mismatched shape, before anything is copied.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"init_weights file {path!r} not found; pass an existing state_dict file")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and weights_only refusals all land here
+        raise UserError(
+            f"init_weights file {path!r} cannot be read as a state_dict "
+            f"({describe_exception(e)}); save it with torch.save(model.state_dict(), path)"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise UserError(
+            f"init_weights file {path!r} does not hold a state_dict (names to tensors); "
+            "save it with torch.save(model.state_dict(), path)"
+        )
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    where = f"init_weights file {path!r} does not fit the model"
+    if missing:
+        raise UserError(f"{where}: key {missing[0]!r} is missing ({len(missing)} missing in all)")
+    if unexpected:
+        raise UserError(
+            f"{where}: key {unexpected[0]!r} is unexpected ({len(unexpected)} unexpected in all)"
+        )
+    for k, v in own.items():
+        if state[k].shape != v.shape:
+            raise UserError(
+                f"{where}: {k!r} has shape {tuple(state[k].shape)} in the file but "
+                f"{tuple(v.shape)} in the model (check num_classes, in_channels, small_input)"
+            )
+    model.load_state_dict(state, strict=True)
+
+
 def example_input(in_channels: int, input_size: int, batch: int = 2) -> torch.Tensor:
     """A deterministic dummy batch (batch, C, H, W) for tracing and counting."""
     return torch.zeros(batch, in_channels, input_size, input_size)
@@ -92,16 +278,35 @@ class Replica(NamedTuple):
     memory_format: torch.memory_format
 
 
+def _discover(cfg: Config, model: nn.Module, example: torch.Tensor) -> Units:
+    """:func:`discover_units`, with a model that cannot be traced at this size one UserError."""
+    try:
+        return discover_units(model, example)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(
+            f"model {cfg.model!r} cannot be traced on {tuple(example.shape[1:])} inputs "
+            f"({describe_exception(e)}); try a larger --set input_size (e.g. 64 or 224), "
+            "--set small_input=false, or another model"
+        ) from None
+
+
 def build_replica(cfg: Config, info: DataInfo, device: torch.device) -> Replica:
     """The run's model on ``device`` (channels-last if configured), its units found by tracing on
     the CPU, and a :class:`Masker` on it. The trainer and every evaluator build theirs here, so
-    their models, units and hooks are the same. Seed torch first for reproducible weights."""
+    their models, units and hooks are the same. Seed torch first for reproducible weights.
+
+    With ``init_weights`` the file's weights replace the initial ones (after the stem is adapted),
+    so the dense baseline, the trainer and every evaluator start from them."""
     model = build_model(
         cfg.model,
         num_classes=info.num_classes,
         in_channels=info.in_channels,
         small_input=cfg.small_input,
     )
+    if cfg.init_weights:
+        load_init_weights(model, cfg.init_weights)
     return replica_of(model, example_input(info.in_channels, cfg.input_size), cfg, device)
 
 
@@ -111,7 +316,7 @@ def replica_of(
     """:func:`build_replica` for a model that already exists (a user's own, with its weights):
     its units traced on the CPU with ``example`` (a CPU batch), then moved to ``device``."""
     model = model.to("cpu")
-    units = discover_units(model, example)
+    units = _discover(cfg, model, example)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=fmt)
     return Replica(model, units, Masker(model, units), example, fmt)

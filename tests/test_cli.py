@@ -86,7 +86,7 @@ def test_out_dir_holding_a_run_is_refused_then_overwritten(tiny_run, capsys):
 
 
 BAD = [
-    (["--set", "model=vgg11"], "unknown model 'vgg11'", "resnet18"),
+    (["--set", "model=vgg_nope"], "unknown model 'vgg_nope'", "resnet18"),
     (["--set", "dataset=imagenet"], "unknown dataset 'imagenet'", "digits"),
     (["--set", "populaton_size=8"], "unknown config key 'populaton_size'", "population_size"),
     (["--set", "population_size=many"], "population_size must be int", "--set"),

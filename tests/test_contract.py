@@ -152,7 +152,7 @@ CASES = [
     Case("wrong-type", [*P, "--set", "lr=fast"], "lr must be float"),
     Case("set-no-value", [*P, "--set", "epochs"], "--set needs key=value"),
     Case("device-pattern", [*P, "--set", "device=cuda:x"], "device must be"),
-    Case("unknown-model", [*P, "--set", "model=vgg11"], "unknown model 'vgg11'"),
+    Case("unknown-model", [*P, "--set", "model=vgg_nope"], "unknown model 'vgg_nope'"),
     # config files
     Case("config-missing", ["prune", "--config", "{d}/nope.yaml"], "not found"),
     Case("config-binary", ["prune", "--config", "{d}/bad.yaml"], "not a text file", _binary),
