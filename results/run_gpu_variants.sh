@@ -21,8 +21,8 @@ export PYTHON=${PYTHON:-python3} RUNS=$out/runs EDROP_RAY_CACHE=$out/cache
 export EXTRA="--set device=${DEVICE:-cuda} --set cpu_threads=2 ${EXTRA:-}"
 mkdir -p "$out/logs"
 jobs_list=()
-for v in "${variants[@]}"; do
-  for name in ${COMPARISONS:-mnist digits}; do
+for name in ${COMPARISONS:-mnist digits}; do  # the first comparison's runs start first
+  for v in "${variants[@]}"; do
     for s in ${SEEDS:-0 1 2}; do jobs_list+=("$name $v $s"); done
   done
 done
