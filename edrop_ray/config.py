@@ -60,6 +60,9 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
+    lr_schedule: str = "constant"  # constant | cosine: lr * 0.5 * (1 + cos(pi * t / T)) before
+    # optimiser step t of T = total_steps (dense baseline and compare's arms too; compare's
+    # fine-tuning of the pruned baselines keeps a constant lr)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "none"  # none | bf16 (CUDA autocast)
     channels_last: bool = False
@@ -77,12 +80,19 @@ class Config:
     target_macs: float | None = None  # hard: every state keeps <= this fraction of MACs
     macs_lambda: float = 0.0  # energy penalty macs_lambda * macs(state) / macs(dense)
     energy_batch_size: int = 32
+    energy_source: str = "train"  # train (the paper) | heldout: energy batches come only from a
+    # fixed, seeded heldout_fraction of the training set that no training step ever uses; the
+    # training order (steps per epoch, so total_steps) then covers only the remaining part, for
+    # the dense baseline and compare's arms as well
+    heldout_fraction: float = 0.1  # of the training set, floored; with energy_source: heldout
     train_state: str = "best"  # best (the paper) | sampled: until the freeze, each step trains
     # a member drawn by energy, softmax(-standardised energy); backend local only, not resumable
     energy_bn: str = "running"  # running (the paper: BN in inference mode) | batch (each
     # candidate's replica normalised on its own batch statistics; backend local only)
     states_per_pass: int = 0  # candidates per forward pass; 0 = auto (GPU: all 2S at once)
     evolve_every: int = 3  # training steps between generations
+    warmup_steps: int = 0  # dense steps (no mask) before the first generation, which runs at
+    # step warmup_steps; counted in the budget (total_steps is unchanged), so < total_steps
     diversity_threshold: float = 0.02
     patience: int = 10  # freeze when the best state is unchanged this many generations
     max_generations: int = 0  # 0 = no cap besides the training budget
@@ -122,6 +132,8 @@ _CHOICES = {
     "amp": ("none", "bf16"),
     "mutation": None,  # the registry of edrop_ray.population, see _mutations
     "energy_bn": ("running", "batch"),
+    "energy_source": ("train", "heldout"),
+    "lr_schedule": ("constant", "cosine"),
     "train_state": ("best", "sampled"),
     "backend": ("local", "ray"),
     "placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
@@ -134,6 +146,9 @@ _DENSE_FIELDS = (
     "dataset", "data_root", "input_size", "model", "small_input", "epochs", "batch_size",
     "lr", "momentum", "weight_decay", "seed", "amp", "channels_last", "cpu_threads", "device",
 )  # fmt: skip
+# Later fields that change what it learns, in the key only when not at their default, so the
+# keys (and the cached baselines) of configs that leave them alone stay what they were.
+_DENSE_FIELDS_IF_SET = ("energy_source", "heldout_fraction", "lr_schedule")
 
 
 _REPR = reprlib.Repr()
@@ -285,8 +300,13 @@ def validate(cfg: Config, *, names: bool = True) -> Config:
     for key in ("epochs", "batch_size", "eval_batch_size", "energy_batch_size", "evolve_every",
                 "patience", "input_size", "weights_every"):  # fmt: skip
         need(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
+    need(
+        0.0 < cfg.heldout_fraction < 1.0,
+        f"heldout_fraction must be in (0, 1), got {cfg.heldout_fraction}; e.g. --set "
+        "heldout_fraction=0.1",
+    )
     for key in ("max_generations", "states_per_pass", "snapshot_every", "checkpoint_every",
-                "num_evaluators"):  # fmt: skip
+                "num_evaluators", "warmup_steps"):  # fmt: skip
         need(getattr(cfg, key) >= 0, f"{key} must be >= 0, got {getattr(cfg, key)}")
     need(cfg.sparsity_lambda >= 0, f"sparsity_lambda must be >= 0, got {cfg.sparsity_lambda}")
     need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
@@ -409,6 +429,9 @@ def dense_key(cfg: Config) -> str:
         d["init_weights"] = _file_digest(Path(cfg.init_weights).expanduser())
     if is_import_path(cfg.model):
         d["model_source"] = _module_digest(cfg.model)
+    defaults = Config()
+    d.update({k: getattr(cfg, k) for k in _DENSE_FIELDS_IF_SET
+              if getattr(cfg, k) != getattr(defaults, k)})  # fmt: skip
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -31,7 +31,7 @@ from .errors import UserError
 from .models import build_replica, replica_of
 from .seeds import stream, stream_seed
 from .slim import count_params_macs, slim_model
-from .train import build_optimizer, evaluate, train_step
+from .train import build_optimizer, build_scheduler, evaluate, train_step
 
 __all__ = [
     "Learner",
@@ -42,6 +42,7 @@ __all__ = [
     "resolve_device",
     "fetch_batch",
     "test_batches",
+    "split_heldout",
     "run_edropout",
     "run_dense",
     "measure_pruned",
@@ -68,6 +69,24 @@ def test_batches(dataset: Dataset, batch_size: int):
     n = len(dataset)
     for start in range(0, n, batch_size):
         yield fetch_batch(dataset, torch.arange(start, min(start + batch_size, n)))
+
+
+def split_heldout(cfg: Config, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(training part, held-out part): sorted sample indexes of a training set of ``n``, or
+    (None, None) with ``energy_source: train`` (every sample is both). The held-out part is the
+    first ``floor(heldout_fraction * n)`` of a permutation from the ``heldout_split`` stream: the
+    same for every run of a seed, whatever else the config says."""
+    if cfg.energy_source == "train":
+        return None, None
+    held = math.floor(cfg.heldout_fraction * n)
+    if held < 1 or n - held < cfg.batch_size:
+        raise UserError(
+            f"heldout_fraction {cfg.heldout_fraction:g} of the {n} training samples leaves "
+            f"{held} for the energy batches and {n - held} for training (batch_size "
+            f"{cfg.batch_size}); both must be filled: change --set heldout_fraction"
+        )
+    order = torch.randperm(n, generator=stream(cfg.seed, "heldout_split"))
+    return order[held:].sort().values, order[:held].sort().values
 
 
 class Learner:
@@ -112,13 +131,23 @@ class Learner:
         self.optimizer = build_optimizer(
             self.model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
-        self.steps_per_epoch = len(train_set) // cfg.batch_size
+        # energy_source heldout: training steps see train_part only, energy batches heldout only
+        self.train_part, self.heldout = split_heldout(cfg, len(train_set))
+        self.steps_per_epoch = self._train_size() // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise UserError(
                 f"batch_size {cfg.batch_size} is larger than the training set ({len(train_set)}); "
                 "lower --set batch_size"
             )
         self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.warmup_steps >= self.total_steps:
+            raise UserError(
+                f"warmup_steps {cfg.warmup_steps} leaves no step of the {self.total_steps}-step "
+                f"budget for the search; lower --set warmup_steps (below {self.total_steps})"
+            )
+        self.scheduler = build_scheduler(
+            self.optimizer, schedule=cfg.lr_schedule, total_steps=self.total_steps
+        )
         self.step = 0
         self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
         self.energy_generator = stream(cfg.seed, "energy_batch")
@@ -144,22 +173,37 @@ class Learner:
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         return x, y.to(self.device, non_blocking=True)
 
-    def train_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch of training step ``step``: a seeded permutation per epoch, so any step's
-        batch can be found again after a resume."""
+    def _train_size(self) -> int:
+        return len(self.train_set) if self.train_part is None else len(self.train_part)
+
+    def train_indices(self, step: int) -> torch.Tensor:
+        """(batch_size,) sample indexes of training step ``step``: a seeded permutation of the
+        training part per epoch, so any step's batch can be found again after a resume."""
         epoch, k = divmod(step, self.steps_per_epoch)
         if self._perm_epoch != epoch:  # one permutation per epoch, not per step
             g = stream(self.cfg.seed, "data_order", epoch)
-            self._perm = torch.randperm(len(self.train_set), generator=g)
+            self._perm = torch.randperm(self._train_size(), generator=g)
+            if self.train_part is not None:
+                self._perm = self.train_part[self._perm]
             self._perm_epoch = epoch
         bs = self.cfg.batch_size
-        return fetch_batch(self.train_set, self._perm[k * bs : (k + 1) * bs])
+        return self._perm[k * bs : (k + 1) * bs]
+
+    def train_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of training step ``step`` (:meth:`train_indices`)."""
+        return fetch_batch(self.train_set, self.train_indices(step))
+
+    def draw_energy_indices(self) -> torch.Tensor:
+        """Sample indexes of the next energy batch: a fresh draw of ``energy_batch_size`` from
+        the training set, or from the held-out part with ``energy_source: heldout``."""
+        pool = len(self.train_set) if self.heldout is None else len(self.heldout)
+        n = min(self.cfg.energy_batch_size, pool)
+        idx = torch.randperm(pool, generator=self.energy_generator)[:n]
+        return idx if self.heldout is None else self.heldout[idx]
 
     def draw_energy_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A fresh random training batch (CPU) on which one generation is judged."""
-        n = min(self.cfg.energy_batch_size, len(self.train_set))
-        idx = torch.randperm(len(self.train_set), generator=self.energy_generator)[:n]
-        return fetch_batch(self.train_set, idx)
+        """A fresh random batch (CPU) on which one generation is judged."""
+        return fetch_batch(self.train_set, self.draw_energy_indices())
 
     def energy_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`draw_energy_batch`, on the learner's device."""
@@ -186,6 +230,9 @@ class Learner:
             loss = train_step(
                 self.model, self.optimizer, self.masker, state, x, y, amp=self.cfg.amp
             )
+        # compare's fine-tuning swaps in an optimiser of its own: that one keeps a constant lr
+        if self.scheduler is not None and self.scheduler.optimizer is self.optimizer:
+            self.scheduler.step()
         if not math.isfinite(loss):
             raise UserError(
                 f"training loss became {loss} at step {self.step}; lower the learning rate "
@@ -212,7 +259,7 @@ class Learner:
         final network. Nothing else changes (dropout stays off). Returns the batches used."""
         norms = [m for m in self.model.modules() if isinstance(m, _BATCH_NORMS)]
         bs = self.cfg.batch_size
-        batches = min(batches, len(self.train_set) // bs)
+        batches = min(batches, self._train_size() // bs)
         if not norms or batches <= 0:
             return 0
         saved = [(m.momentum, m.training) for m in norms]
@@ -223,8 +270,10 @@ class Learner:
             m.momentum = None  # cumulative average over the batches seen
             m.train()
         order = torch.randperm(
-            len(self.train_set), generator=stream(self.cfg.seed, "bn_recalibrate")
+            self._train_size(), generator=stream(self.cfg.seed, "bn_recalibrate")
         )
+        if self.train_part is not None:  # the held-out part stays for the energies only
+            order = self.train_part[order]
         try:
             with self.masker.applied(state):
                 for k in range(batches):
@@ -240,7 +289,7 @@ class Learner:
         return batches
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        sd = {
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             # on the CPU: it crosses the object store to a driver that may have no GPU
             "optimizer": tree_map(_on_cpu, self.optimizer.state_dict()),
@@ -248,11 +297,16 @@ class Learner:
             "energy_generator": self.energy_generator.get_state(),
             "rng": dict(self.rng_state),
         }
+        if self.scheduler is not None:  # constant lr: no entry, the checkpoint is as before
+            sd["scheduler"] = self.scheduler.state_dict()
+        return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.model.load_state_dict(sd["model"])
         self.optimizer.load_state_dict(sd["optimizer"])
         self.step = int(sd["step"])
+        if self.scheduler is not None:  # a checkpoint without one was a constant-lr run's
+            self.scheduler.load_state_dict(sd["scheduler"])
         self.energy_generator.set_state(sd["energy_generator"])
         if "rng" in sd:  # checkpoints written before the learner kept its own dropout stream
             rng = dict(sd["rng"])
@@ -339,8 +393,10 @@ def run_edropout(
     generation's record; on_checkpoint is called every ``checkpoint_every`` generations' worth of
     training steps.
 
-    Let W_t be the weights before training step t, and let a generation fall due at step t
-    (``t % evolve_every == 0``, search not frozen). Either way the generation is judged on W_t.
+    The first ``warmup_steps`` steps train dense (state None) and run no generation. Let W_t be
+    the weights before training step t, and let a generation fall due at step t
+    (``(t - warmup_steps) % evolve_every == 0``, t >= warmup_steps, search not frozen). Either
+    way the generation is judged on W_t.
 
     - ``pipeline: false`` (exact): step t trains with the best state of *that* generation.
     - ``pipeline: true`` (one step stale): step t trains with the best state from before that
@@ -353,10 +409,16 @@ def run_edropout(
     cfg = learner.cfg
     ckpt_steps = cfg.checkpoint_every * cfg.evolve_every
     sampler = stream(cfg.seed, "train_state")  # train_state: sampled only
+    warmup = cfg.warmup_steps
     while learner.step < learner.total_steps:
         record = None
+        if learner.step < warmup:  # dense, as the dense baseline trains; no generation yet
+            learner.train(None)
+            if on_checkpoint is not None and ckpt_steps and learner.step % ckpt_steps == 0:
+                on_checkpoint()
+            continue
         before = search.best  # with pipeline, what step t trains with
-        if not search.frozen and learner.step % cfg.evolve_every == 0:
+        if not search.frozen and (learner.step - warmup) % cfg.evolve_every == 0:
             t0 = time.perf_counter()
             record = search.run_generation(learner)
             record["energy_seconds"] = time.perf_counter() - t0

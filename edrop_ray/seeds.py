@@ -11,7 +11,8 @@ epoch's training order. ``crc32`` turns the name into a spawn-key word; names ar
 :data:`STREAMS`, so a typo cannot quietly make a new stream.
 
 Changing a name, the derivation or what a stream is used for changes every run's draws: bump
-:data:`STREAMS_VERSION`, which keys cached results (the dense baseline's cache).
+:data:`STREAMS_VERSION`, which keys cached results (the dense baseline's cache). Adding a new
+name changes no existing stream's draws and needs no bump.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ STREAMS = (
     "train_state",  # the sampled training state (train_state: sampled)
     "bn_recalibrate",  # the batch order of BatchNorm recalibration
     "dropout",  # the learner's own stream for dropout (torch's global generator, swapped in)
+    "heldout_split",  # energy_source: heldout, the part of the training set kept for energies
 )
 
 

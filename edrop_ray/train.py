@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from .masking import Masker
 
-__all__ = ["train_step", "evaluate", "build_optimizer"]
+__all__ = ["train_step", "evaluate", "build_optimizer", "build_scheduler"]
 
 
 def build_optimizer(
@@ -23,6 +24,24 @@ def build_optimizer(
         momentum=momentum,
         weight_decay=weight_decay,
         nesterov=momentum > 0,
+    )
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, *, schedule: str, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The learning-rate schedule, stepped once after every optimiser step; None = constant.
+
+    ``cosine`` anneals from the configured lr to 0 over ``total_steps``: optimiser step t
+    (0-based) runs at ``lr * 0.5 * (1 + cos(pi * t / total_steps))``. The closed form of a
+    LambdaLR, not CosineAnnealingLR's recursive update, so the lr of a step depends on t alone.
+    """
+    if schedule == "constant":
+        return None
+    if schedule != "cosine":
+        raise ValueError(f"unknown lr_schedule {schedule!r}")
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / total_steps))
     )
 
 
