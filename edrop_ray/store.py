@@ -178,18 +178,24 @@ def check_writable(path: Path, flag: str, given: Path | None = None) -> None:
                         f"pick another {flag}")  # fmt: skip
 
 
-def check_out(out: str | Path, *, overwrite: bool, kind: str = "run", flag: str = "--out") -> Path:
-    """Check that a new run (or comparison) may be written to ``out``; write nothing.
-
-    ``out`` may be missing, an empty folder, or (with ``overwrite``) a folder of this tool's
-    of the same kind that holds nothing else. UserError otherwise, naming what is in the way.
-    """
+def _writable_folder(out: str | Path, flag: str) -> Path:
+    """``out`` as a path that is not a file and can be written to (it may not exist yet)."""
     if str(out).strip() == "":
         raise UserError(f"{flag} is empty; pass a folder path, e.g. {flag} runs/my-run")
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {str(path)!r} is a file; pass a folder path")
     check_writable(path, flag)
+    return path
+
+
+def check_out(out: str | Path, *, overwrite: bool, kind: str = "run", flag: str = "--out") -> Path:
+    """Check that a new run (or comparison) may be written to ``out``; write nothing.
+
+    ``out`` may be missing, an empty folder, or (with ``overwrite``) a folder of this tool's
+    of the same kind that holds nothing else. UserError otherwise, naming what is in the way.
+    """
+    path = _writable_folder(out, flag)
     if not path.is_dir():
         return path
     try:
@@ -241,10 +247,7 @@ def check_reuse_out(out: str | Path, flag: str = "--out") -> Path:
     """Check that the seeds of a multi-seed comparison may be added to (or summarised in) ``out``
     (``compare --seeds ... --reuse``): missing, empty, or holding only this tool's comparison
     files and ``seed<N>`` folders (also while other processes add their seeds). Writes nothing."""
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{flag} {str(path)!r} is a file; pass a folder path")
-    check_writable(path, flag)
+    path = _writable_folder(out, flag)
     if not path.is_dir():
         return path
     for entry in sorted(path.iterdir()):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from example_module import load_example
 
 from edrop_ray import DEParams, EDropout
 from edrop_ray import population as pop
@@ -17,12 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location(
-        "own_loop", ROOT / "examples/own_training_loop.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("own_training_loop.py", "own_loop")
 
 
 @pytest.fixture(scope="module")

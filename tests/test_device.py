@@ -135,6 +135,27 @@ def test_learner_and_search_on_another_device_compute_what_the_cpu_computes(data
     torch.testing.assert_close(got["slim_logits"], want["slim_logits"], rtol=0, atol=0)
 
 
+def test_a_users_own_model_on_another_device_computes_what_the_cpu_computes(data):
+    """edrop_ray.prune()'s path: Learner(model=...) traces a user's module on the CPU and moves
+    it to the device; cosine schedule, held-out energy batches and warm-up ride along."""
+    train_set, test_set, info = data
+    cfg = tiny("lr_schedule=cosine", "energy_source=heldout", "warmup_steps=2")
+    example = train_set[0][0].unsqueeze(0)
+
+    def own(device: torch.device):
+        torch.manual_seed(3)  # the user's weights, the same for both learners
+        model = build_model("resnet18", num_classes=info.num_classes, in_channels=1)
+        learner = Learner(cfg, train_set, info, device, model=model, example_inputs=example)
+        return _one_of_each(learner, Search(cfg, learner.units.num_units), test_set)
+
+    want = own(CPU)
+    with other_device() as dev:
+        got = own(dev)
+    torch.testing.assert_close(got["energies"], want["energies"], rtol=0, atol=0)
+    assert got["loss"] == want["loss"]
+    assert got["measured"] == want["measured"]
+
+
 def test_the_whole_loop_on_another_device_ends_with_the_cpu_mask(data):
     train_set, _test, info = data
     cfg = tiny("epochs=1", "max_generations=3")

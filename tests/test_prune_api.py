@@ -4,7 +4,6 @@ bad input refused before anything is written."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from example_module import load_example
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
@@ -44,12 +44,7 @@ def _perturb_norms(model: nn.Module, seed: int) -> None:
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location(
-        "prune_custom_cnn", ROOT / "examples/prune_custom_cnn.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("prune_custom_cnn.py", "prune_custom_cnn")
 
 
 @pytest.fixture(scope="module")
