@@ -98,6 +98,9 @@ class Config:
     max_generations: int = 0  # 0 = no cap besides the training budget
     snapshot_every: int = 5  # population snapshots to population.parquet
     bn_recalibrate: int = 0  # training batches to re-estimate BN statistics under the final mask
+    probe_members: int = 0  # diagnostics: K fixed random states (stream "probe", keep probability
+    # p0), judged at every generation on its weights and batch; history gets probe_energy (their
+    # mean) and probe_gap (probe_energy - best_energy). The search is unchanged; local backend only
     # --- distributed runtime (Ray)
     backend: str = "ray"  # ray (a local instance when no cluster is given) | local (in process)
     num_evaluators: int = 0  # 0 = one per GPU, else min(2, CPUs)
@@ -332,6 +335,14 @@ def validate(cfg: Config, *, names: bool = True) -> Config:
     need(
         cfg.train_state == "best" or cfg.backend == "local",
         "train_state=sampled is implemented in process only; add --set backend=local",
+    )
+    need(
+        0 <= cfg.probe_members <= 64,
+        f"probe_members must be in [0, 64], got {cfg.probe_members}",
+    )
+    need(
+        cfg.probe_members == 0 or cfg.backend == "local",
+        "probe_members is implemented in process only; add --set backend=local",
     )
     need(
         cfg.energy_bn == "running" or cfg.backend == "local",

@@ -47,6 +47,7 @@ class DEParams:
     patience: int = 10
     max_generations: int = 0  # 0 = no cap
     seed: int = 0
+    probe_members: int = 0  # diagnostics: fixed random states judged beside the population
 
     @classmethod
     def from_config(cls, cfg: Config) -> DEParams:
@@ -79,6 +80,7 @@ class Search:
             states = pop.repair(states, max_kept=self.max_kept, generator=self.generator)
         states = self._repair_budget(states)
         self.population = pop.start(states)
+        self.probes = self._probes()
         self.frozen = False
         self.converged_at: int | None = None
         self._trials: torch.Tensor | None = None
@@ -165,6 +167,26 @@ class Search:
             generator=self.generator,
         )
 
+    def _probes(self) -> torch.Tensor | None:
+        """(K, D) bool: ``probe_members`` random states drawn once from their own stream (p0, and
+        the same budgets as the population), so the search draws exactly what it draws without
+        them. They never evolve and training never uses them: judged on the weights of each
+        generation, they show how a mask the network was not trained under fares."""
+        cfg = self.params
+        if not cfg.probe_members:
+            return None
+        g = stream(cfg.seed, "probe")
+        probes = pop.init_states(
+            size=cfg.probe_members, num_units=self.num_units, p0=cfg.p0, generator=g
+        )
+        if self.max_kept < self.num_units:
+            probes = pop.repair(probes, max_kept=self.max_kept, generator=g)
+        if self.max_params is None and self.max_macs is None:
+            return probes
+        return repair_budget(
+            probes, self.counter, max_params=self.max_params, max_macs=self.max_macs, generator=g
+        )
+
     def sample_member(self, generator: torch.Generator) -> torch.Tensor:
         """(D,) bool: a member drawn with probability ``softmax(-z)``, z its standardised energy
         (``train_state: sampled``: training samples sub-networks, as dropout does, until the
@@ -180,7 +202,17 @@ class Search:
         """One whole generation judged by ``learner`` (anything with ``energy_batch()`` and
         ``energies(states, x, y)``, e.g. :class:`edrop_ray.loop.Learner`)."""
         x, y = learner.energy_batch()
-        return self.select(learner.energies(self.propose(), x, y))
+        record = self.select(learner.energies(self.propose(), x, y))
+        if self.probes is not None:  # a pass of their own: the population's energies unchanged
+            energies = learner.energies(self.probes, x, y)
+            if self.params.macs_lambda:  # as select() adds it to the population's energies
+                energies = energies + macs_penalty(
+                    self.probes, self.counter, self.params.macs_lambda
+                )
+            probe = float(energies.mean())
+            record["probe_energy"] = probe
+            record["probe_gap"] = probe - record["best_energy"]
+        return record
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the search exactly (tensors and plain values only)."""

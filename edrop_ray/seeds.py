@@ -37,6 +37,7 @@ STREAMS = (
     "bn_recalibrate",  # the batch order of BatchNorm recalibration
     "dropout",  # the learner's own stream for dropout (torch's global generator, swapped in)
     "heldout_split",  # energy_source: heldout, the part of the training set kept for energies
+    "probe",  # probe_members: the fixed random states judged beside the search (diagnostics)
 )
 
 
