@@ -201,12 +201,20 @@ def test_lost_trainer_stops_with_a_resume_hint_and_resume_finishes_the_run(
     assert torch.equal(mask_of(out), mask_of(local_run))
 
 
+@pytest.fixture(scope="module")
+def local_pipeline_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("local-pipeline") / "run"
+    job.prune(load_config(TINY, [*SAME, "backend=local", "pipeline=true"]), out, quiet=True)
+    return out
+
+
 @pytest.mark.parametrize("transport", ["collective", "object_store"])
-def test_pipeline_ray_backend_equals_local_backend(cluster, tmp_path, transport):
+def test_pipeline_ray_backend_equals_local_backend(
+    cluster, local_pipeline_run, tmp_path, transport
+):
     """pipeline: true on both backends (the trainer's step and the judging overlap on Ray, run in
     turn in process): the same one-step-stale rule, so the same mask and energies."""
-    local = tmp_path / "local"
-    job.prune(load_config(TINY, [*SAME, "backend=local", "pipeline=true"]), local, quiet=True)
+    local = local_pipeline_run
     out = tmp_path / "ray"
     sets = [*SAME, "backend=ray", "pipeline=true", f"weights_transport={transport}"]
     job.prune(load_config(TINY, sets), out, quiet=True)
