@@ -14,6 +14,7 @@ import torch
 from edrop_ray.budget import build_counter
 from edrop_ray.cli import main
 from edrop_ray.errors import UserError
+from edrop_ray.imports import module_file
 from edrop_ray.models import build_model, example_input, load_init_weights
 from edrop_ray.slim import count_params_macs, load_pruned, slim_model
 from edrop_ray.units import discover_units
@@ -65,6 +66,11 @@ def test_init_weights_load_into_a_timm_model(tmp_path):
     target = build_model(NAME, num_classes=10, in_channels=1)
     load_init_weights(target, str(path))
     assert all(torch.equal(target.state_dict()[k], v) for k, v in source.state_dict().items())
+
+
+def test_the_dense_cache_key_follows_the_timm_release():
+    # dense_key hashes this file for a model by path: timm's version.py, not its __init__.py
+    assert Path(module_file(NAME)) == Path(timm.__file__).with_name("version.py")
 
 
 def test_prune_a_timm_model_to_a_macs_budget(tmp_path):
