@@ -59,7 +59,10 @@ def _put_cwd_on_path() -> str:
 
 def module_file(text: str) -> str | None:
     """The source file of an import path's module, found without running the module itself
-    (its parent packages are imported); None when it cannot be found."""
+    (its parent packages are imported); None when it cannot be found.
+
+    For a timm model (``timm:<name>``) it is timm's ``version.py``: the dense cache key, which
+    hashes this file, changes with the timm release that builds the model."""
     import importlib.util
 
     _put_cwd_on_path()
@@ -67,7 +70,11 @@ def module_file(text: str) -> str | None:
         spec = importlib.util.find_spec(text.partition(":")[0])
     except (ImportError, ValueError):
         return None
-    return getattr(spec, "origin", None)
+    origin = getattr(spec, "origin", None)
+    if text.startswith("timm:") and origin:
+        version = os.path.join(os.path.dirname(origin), "version.py")
+        return version if os.path.isfile(version) else origin
+    return origin
 
 
 def resolve_callable(key: str, text: str) -> Callable[..., Any]:

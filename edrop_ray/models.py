@@ -4,12 +4,15 @@ torchvision's classifiers are built for 3x224x224 inputs. For 28-32 px inputs wi
 channels we swap the first convolution for a 3x3 stride-1 one with the right input channels
 (the usual CIFAR-style stem), from outside: torchvision's code is never edited.
 
-Three sources of a model, one name each (``model`` in the config):
+Four sources of a model, one name each (``model`` in the config):
 
 - the seven of the paper's grid (:data:`MODELS`), with their stems swapped by name as before;
 - every other torchvision classifier (``list_models(module=torchvision.models)``), whose stem is
   the first ``Conv2d`` the input reaches, found by running the model on a 1x3x224x224 input until
   that convolution is called (:func:`find_stem`);
+- a timm model by ``timm:<name>`` (the optional extra ``pip install 'edrop-ray[timm]'``), built
+  by ``timm.create_model(name, pretrained=False, num_classes=..., in_chans=...)``: timm adapts
+  the input channels itself, no weights are downloaded, and the model is used as timm builds it;
 - the user's own factory by import path ``package.module:callable``, called as
   ``fn(num_classes=..., in_channels=...)``; it must return an ``nn.Module`` and is used as it is.
 """
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MODELS",
     "model_names",
+    "TIMM_PREFIX",
     "build_model",
     "find_stem",
     "load_init_weights",
@@ -55,6 +59,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "squeezenet1_0": tvm.squeezenet1_0,
     "squeezenet1_1": tvm.squeezenet1_1,
 }
+
+# ``timm:<name>``: a timm model. Checked before import paths, which the ``:`` also matches.
+TIMM_PREFIX = "timm:"
+_TIMM_INSTALL = "pip install 'edrop-ray[timm]'"
 
 
 @functools.cache
@@ -158,6 +166,29 @@ def _build_torchvision(
     return model
 
 
+def _build_timm(name: str, *, num_classes: int, in_channels: int) -> nn.Module:
+    """``timm:<name>`` built by ``timm.create_model`` without pretrained weights (never a
+    download); ``init_weights`` loads a state_dict into it as into any other model."""
+    arch = name[len(TIMM_PREFIX) :]
+    try:
+        import timm
+    except ImportError:
+        raise UserError(
+            f"model {name!r} needs timm, which is not installed; {_TIMM_INSTALL}"
+        ) from None
+    if not timm.is_model(arch):
+        raise UserError(
+            f"unknown timm model {arch!r}; list the names with "
+            'python -c "import timm; print(timm.list_models())" and pass model=timm:<name>'
+        )
+    try:
+        return timm.create_model(
+            arch, pretrained=False, num_classes=num_classes, in_chans=in_channels
+        )
+    except Exception as e:
+        raise UserError(f"model {name!r} cannot be built ({describe_exception(e)})") from None
+
+
 def _build_user(path: str, *, num_classes: int, in_channels: int) -> nn.Module:
     """The user's factory ``fn(num_classes=..., in_channels=...)``; its module used as it is."""
     fn = resolve_callable("model", path)
@@ -181,11 +212,14 @@ def build_model(
 ) -> nn.Module:
     """Build a classifier with ``num_classes`` outputs, adapted to small inputs.
 
-    ``name`` is one of :func:`model_names` or an import path ``package.module:callable``.
-    With ``small_input`` the stem convolution becomes 3x3 stride 1 over ``in_channels``; the
-    ResNet stem max-pool is kept (it halves 32 px to 16 px, which keeps CPU runs affordable).
-    Without it, only the input channels are changed. A user's model is never adapted.
+    ``name`` is one of :func:`model_names`, ``timm:<name>`` or an import path
+    ``package.module:callable``. With ``small_input`` the stem convolution becomes 3x3 stride 1
+    over ``in_channels``; the ResNet stem max-pool is kept (it halves 32 px to 16 px, which keeps
+    CPU runs affordable). Without it, only the input channels are changed. A user's model and a
+    timm model are never adapted (timm takes the input channels itself).
     """
+    if name.startswith(TIMM_PREFIX):
+        return _build_timm(name, num_classes=num_classes, in_channels=in_channels)
     if is_import_path(name):
         return _build_user(name, num_classes=num_classes, in_channels=in_channels)
     if name not in MODELS:

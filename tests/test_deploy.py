@@ -15,6 +15,7 @@ tests catch the drift that otherwise only shows up on a cluster:
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import re
@@ -69,6 +70,27 @@ def _constraint_pins(text: str) -> dict[str, str]:
         assert name not in found, f"constraints.txt:{number}: {name} pinned twice"
         found[name] = specs[0].version
     return found
+
+
+def _installed_closure(names: set[str]) -> set[str]:
+    """Canonical names of every installed distribution that ``names`` require, transitively
+    (their unconditional requirements, as importlib.metadata reads them)."""
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        try:
+            requires = importlib.metadata.requires(todo.pop()) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for raw in requires:
+            requirement = Requirement(raw)
+            if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+                continue
+            name = _canonical(requirement.name)
+            if name not in seen:
+                seen.add(name)
+                todo.append(name)
+    return seen
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
@@ -217,19 +239,30 @@ def test_constraints_pin_every_dependency_inside_the_declared_range(
 ) -> None:
     project = pyproject["project"]
     runtime = [Requirement(r) for r in project["dependencies"]]
-    dev = [Requirement(r) for r in project.get("optional-dependencies", {}).get("dev", [])]
-    # `make` installs the runtime dependencies and the dev tools with these pins.
-    unpinned = sorted(r.name for r in runtime + dev if _canonical(r.name) not in pins)
+    extras = project.get("optional-dependencies", {})
+    optional = [Requirement(r) for name in ("dev", "timm") for r in extras.get(name, [])]
+    # `make` installs the runtime dependencies, the dev tools and timm with these pins.
+    unpinned = sorted(r.name for r in runtime + optional if _canonical(r.name) not in pins)
     assert not unpinned, f"constraints.txt has no pin for {unpinned}: make would take any"
-    for requirement in runtime + dev:
+    for requirement in runtime + optional:
         name = _canonical(requirement.name)
         assert requirement.specifier.contains(pins[name], prereleases=True), (
             f"constraints.txt pins {name}=={pins[name]}, outside pyproject's "
             f"{requirement.name}{requirement.specifier}"
         )
-    declared = {_canonical(r.name) for r in runtime + dev}
-    strays = sorted(set(pins) - declared)
+    declared = {_canonical(r.name) for r in runtime + optional}
+    # The other pins are what an extra brings (timm's hub client): each must be a dependency,
+    # direct or not, of a package pyproject asks for, as the installed metadata says.
+    strays = sorted(set(pins) - declared - _installed_closure(declared))
     assert not strays, f"constraints.txt pins {strays}, which pyproject.toml does not ask for"
+
+
+def test_timm_extra_is_declared_and_in_dev(pyproject: dict[str, Any]) -> None:
+    extras = pyproject["project"]["optional-dependencies"]
+    timm = [Requirement(r) for r in extras["timm"]]
+    assert [r.name for r in timm] == ["timm"]
+    dev = {Requirement(r).name: Requirement(r).specifier for r in extras["dev"]}
+    assert dev.get("timm") == timm[0].specifier, "[dev] must install timm too (tests/test_timm.py)"
 
 
 def test_pyproject_declares_ranges_not_pins(pyproject: dict[str, Any]) -> None:
