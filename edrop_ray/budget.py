@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import UserError
 from .units import Units
 
 __all__ = ["Counter", "build_counter", "counter_for", "budget_report", "repair_budget"]
@@ -356,7 +357,13 @@ def counter_for(cfg, model: nn.Module, units: Units, example_inputs: torch.Tenso
     budget in parameters or MACs and no MACs penalty."""
     if cfg.target_params is None and cfg.target_macs is None and not cfg.macs_lambda:
         return None
-    return build_counter(model, units, example_inputs)
+    try:
+        return build_counter(model, units, example_inputs)
+    except ValueError as e:  # a layer the counter does not model: no exact budget possible
+        raise UserError(
+            f"{cfg.model!r} cannot take target_params, target_macs or macs_lambda: {e}; "
+            "prune it without them, or bound the kept units with target_prune_rate"
+        ) from None
 
 
 def budget_report(cfg, measured: dict) -> dict:
