@@ -28,7 +28,14 @@ from .seeds import stream
 from .slim import slim_model
 from .units import Units, build_dependency, find_classifier
 
-__all__ = ["group_l1_scores", "random_scores", "prune_order", "state_without", "fit_param_count"]
+__all__ = [
+    "group_l1_scores",
+    "random_scores",
+    "prune_order",
+    "state_without",
+    "fit_param_count",
+    "prune_to_params",
+]
 
 PRUNABLE = (nn.Conv2d, nn.Linear)  # the layer types whose output channels are units
 
@@ -76,6 +83,7 @@ def prune_order(scores: torch.Tensor, units: Units) -> torch.Tensor:
 
 
 def state_without(units: Units, order: torch.Tensor, k: int) -> torch.Tensor:
+    """(D,) bool state that keeps every unit but the first ``k`` of ``order``."""
     state = torch.ones(units.num_units, dtype=torch.bool)
     state[order[:k]] = False
     return state
@@ -117,3 +125,26 @@ def fit_param_count(
 def random_scores(units: Units, seed: int) -> torch.Tensor:
     """(D,) a seeded random score per unit: the order of the random baseline."""
     return torch.rand(units.num_units, generator=stream(seed, "baseline_ranking"))
+
+
+def prune_to_params(
+    model: nn.Module,
+    units: Units,
+    example_inputs: torch.Tensor,
+    target: int,
+    *,
+    method: str,
+    seed: int,
+) -> tuple[torch.Tensor, nn.Module]:
+    """(state, slimmed model): ``model`` pruned to about ``target`` parameters by ``method``'s
+    ranking, ``magnitude`` (:func:`group_l1_scores`) or ``random`` (:func:`random_scores` with
+    ``seed``), fitted with :func:`fit_param_count`."""
+    if method == "magnitude":
+        scores = group_l1_scores(model, units, example_inputs)
+    elif method == "random":
+        scores = random_scores(units, seed)
+    else:
+        raise ValueError(f"method must be magnitude or random, got {method!r}")
+    order = prune_order(scores, units)
+    state, _ = fit_param_count(model, units, order, example_inputs, target)
+    return state, slim_model(model, units, state, example_inputs)

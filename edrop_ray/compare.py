@@ -27,7 +27,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from . import job, store
 from .arms import BUDGETS, DEFAULT_ARMS, EDROPOUT_DIR, METHODS, REQUIRED, finetune_budget
 from .arms import RUN_ARMS as _RUN_ARMS
-from .baselines import fit_param_count, group_l1_scores, prune_order, random_scores
+from .baselines import fit_param_count, prune_order, prune_to_params, random_scores
 from .config import Config, config_to_dict
 from .errors import UserError
 from .loop import Learner, measure_pruned
@@ -36,7 +36,7 @@ from .report.compare import write_compare_plot as _write_plot
 from .report.compare import write_seeds_plot as _write_seeds_plot
 from .seed_stats import same_config as _same_config
 from .seed_stats import summarize_seeds
-from .slim import count_params_macs, slim_model
+from .slim import count_params_macs
 from .train import build_optimizer
 from .units import Units
 
@@ -124,13 +124,7 @@ def _baseline(
     """Prune ``source`` (a dense model trained ``source_steps`` counted steps) to ``target``
     parameters by ``method``'s ranking, then fine-tune it from step ``start`` to the end."""
     t0 = time.perf_counter()
-    if method == "magnitude":
-        scores = group_l1_scores(source, units, example)
-    else:
-        scores = _random_scores(cfg, units)
-    order = prune_order(scores, units)
-    state, _ = fit_param_count(source, units, order, example, target)
-    slim = slim_model(source, units, state, example)
+    state, slim = prune_to_params(source, units, example, target, method=method, seed=cfg.seed)
     params, macs = count_params_macs(slim, example)
     prune_wall = time.perf_counter() - t0
     t1 = time.perf_counter()
