@@ -144,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
                 store.check_reuse_out(args.out)  # other processes may be adding their seeds
             else:
                 store.check_out(args.out, overwrite=args.overwrite, kind="compare")
-        from .compare import run_compare_cli
+        from .compare_cli import run_compare_cli
 
         return run_compare_cli(args)
     if args.verb in ("report", "export", "evaluate"):

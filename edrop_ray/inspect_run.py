@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
-import os
 import sys
 import tempfile
 import warnings
@@ -74,7 +72,9 @@ def report_cli(args: argparse.Namespace) -> int:
     # sweep.json first: a sweep folder may keep a copy of its base config.yaml, a run never
     # has a sweep.json
     if path.is_dir() and (path / "sweep.json").is_file():
-        return _report_sweep(path, fmt)
+        from .report.sweep import print_sweep_report
+
+        return print_sweep_report(path, fmt)
     if path.is_dir() and (path / "config.yaml").is_file():
         return _report_run(store.open_run_dir(path), fmt)
     raise UserError(
@@ -150,34 +150,6 @@ def _report_run(run_dir: Path, fmt: str) -> int:
     return 0
 
 
-def _report_sweep(sweep_dir: Path, fmt: str) -> int:
-    from . import report as rep
-
-    path = sweep_dir / "sweep.json"
-    try:
-        rows = rep.sweep_rows(json.loads(path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{str(path)!r} is not a sweep table ({e}); re-run the sweep") from e
-    points = [(_float(r.get("top1")), _float(r.get("prune_rate"))) for r in rows]
-    front = rep.pareto_front(points)
-    plot = rep.write_pareto_plot(sweep_dir / "pareto.png", rows)
-    if fmt == "json":
-        blob = {"kind": "sweep", "path": str(sweep_dir), "trials": rows, "pareto": front,
-                "plots": [str(plot)]}  # fmt: skip
-        print(json.dumps(blob, indent=2, sort_keys=True, default=str))
-    else:
-        print(rep.trials_markdown(rows, front))
-    print(f"plot: {plot}", file=sys.stderr)
-    return 0
-
-
-def _float(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 # ---------------------------------------------------------------------------------------- export
 
 
@@ -223,17 +195,12 @@ def check_tolerance(expected: torch.Tensor) -> float:
 
 @contextmanager
 def _staged(target: Path) -> Iterator[Path]:
-    """A temporary path beside ``target``; renamed onto it when the block ends without error."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the export private to its writer
-    try:
-        yield Path(tmp)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    """A temporary path beside ``target``; written onto it (:func:`edrop_ray.store.write_atomic`)
+    when the block ends without error."""
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as d:
+        tmp = Path(d) / target.name
+        yield tmp
+        store.write_atomic(target, tmp.read_bytes())
 
 
 def export_cli(args: argparse.Namespace) -> int:

@@ -38,16 +38,14 @@ Sweep folder (``--out``, Tune's ``storage_path``): ``sweep_spec.json`` (base con
 samples), ``tune/`` (Tune's experiment: one folder per trial, checkpoints, ``tuner.pkl``),
 ``sweep.json`` and ``sweep.md`` (one row per trial).
 
-Space YAML: ``key: spec`` where key is one of :data:`SEARCHABLE` and spec is ``{choice: [..]}``,
-``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``, ``{randint: [lo, hi]}`` (both ends
-included) or a plain list (a grid: every value is run, ``--samples`` times each).
+The search space (``--space`` YAML) is read and checked by :mod:`edrop_ray.space`, without Ray.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import logging
 import os
 import sys
 import tempfile
@@ -55,18 +53,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import store
-from .config import Config, _coerce, _field_types, config_to_dict, load_config, validate
+from .cluster import connect_ray
+from .config import Config, _coerce, config_to_dict, load_config, validate
 from .errors import UserError
+from .report.sweep import sweep_markdown, trial_rows
+from .space import check_space, grid_size, load_space, to_param_space
+from .space import plain as _plain
 
 __all__ = [
-    "SEARCHABLE",
-    "DISTRIBUTIONS",
-    "load_space",
-    "check_space",
-    "to_param_space",
     "trial_resources",
     "sweep",
     "run_sweep_cli",
@@ -75,14 +70,6 @@ __all__ = [
     "edropout_trial",
 ]
 
-# Config fields a space may search over.
-SEARCHABLE = (
-    "population_size", "F", "CR", "mutation", "kappa", "sparsity_lambda", "target_prune_rate",
-    "evolve_every", "p0", "energy_batch_size", "patience", "diversity_threshold", "lr",
-    "momentum", "weight_decay",
-)  # fmt: skip
-DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
-
 METRIC, MODE = "best_energy", "min"  # ASHA's metric while trials run
 TIME_ATTR = "step"  # ASHA compares trials at equal training steps
 REDUCTION_FACTOR = 4
@@ -90,132 +77,10 @@ EXPERIMENT = "tune"  # Tune's experiment folder inside the sweep folder
 SPEC_FILE = "sweep_spec.json"
 STATE_FILE = "trial_state.pt"
 MASK_FILE = "mask.pt"
-
-
-# ---------------------------------------------------------------------------- the search space
-
-
-def load_space(path: str | Path) -> dict[str, Any]:
-    """Read a space YAML file (not yet checked: see :func:`check_space`)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"space file {str(p)!r} not found; pass an existing --space FILE")
-    try:
-        loaded = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"space file {str(p)!r} is not valid YAML: {e}".splitlines()[0]) from e
-    if loaded is None:
-        loaded = {}
-    if not isinstance(loaded, dict):
-        raise UserError(f"space file {str(p)!r} must hold a mapping of key: distribution")
-    return loaded
-
-
-def _check_value(base: Config, key: str, value: Any, source: str) -> Any:
-    """``value`` coerced to ``key``'s type and validated against ``base``; UserError if not."""
-    try:
-        v = _coerce(key, value)
-        validate(dataclasses.replace(base, **{key: v}))
-    except UserError as e:
-        why = str(e).split("; e.g. --set")[0]
-        raise UserError(f"{source}: {key} value {value!r} is invalid: {why}") from None
-    return v
-
-
-def _pair(key: str, name: str, spec: Any, source: str) -> tuple[float, float]:
-    ok = (
-        isinstance(spec, list | tuple)
-        and len(spec) == 2
-        and all(isinstance(x, int | float) and not isinstance(x, bool) for x in spec)
-    )
-    if not ok or not spec[0] < spec[1]:
-        raise UserError(f"{source}: {key}: {{{name}: [lo, hi]}} needs two numbers with lo < hi, "
-                        f"got {spec!r}")  # fmt: skip
-    return spec[0], spec[1]
-
-
-def check_space(space: Any, base: Config, source: str = "--space") -> dict[str, tuple[str, Any]]:
-    """Validate a raw space against ``base``: ``{key: (distribution, args)}`` or UserError.
-
-    Every value a distribution can produce is checked with the config's own validation (each
-    field's valid set is an interval or a set of choices, so the ends and the choices suffice).
-    """
-    if not isinstance(space, dict):
-        raise UserError(f"{source}: the space must be a mapping of key: distribution")
-    if not space:
-        raise UserError(
-            f"{source}: the search space is empty; give at least one of: {', '.join(SEARCHABLE)}"
-        )
-    fields = _field_types()
-    checked: dict[str, tuple[str, Any]] = {}
-    for key, spec in space.items():
-        if key not in SEARCHABLE:
-            what = "is not searchable" if key in fields else "is not a config key"
-            raise UserError(f"{source}: {key!r} {what}; searchable keys: {', '.join(SEARCHABLE)}")
-        kind = str(fields[key]).split("|")[0].strip()
-        if isinstance(spec, list):
-            if not spec:
-                raise UserError(f"{source}: {key}: a grid (plain list) needs at least one value")
-            checked[key] = ("grid", [_check_value(base, key, v, source) for v in spec])
-            continue
-        if not (isinstance(spec, dict) and len(spec) == 1):
-            raise UserError(
-                f"{source}: {key}: expected {{choice: [..]}}, {{uniform: [lo, hi]}}, "
-                f"{{loguniform: [lo, hi]}}, {{randint: [lo, hi]}} or a plain list, got {spec!r}"
-            )
-        name, args = next(iter(spec.items()))
-        if name not in DISTRIBUTIONS:
-            raise UserError(
-                f"{source}: {key}: unknown distribution {name!r}; use one of "
-                f"{', '.join(DISTRIBUTIONS)}, or a plain list for a grid"
-            )
-        if name == "choice":
-            if not isinstance(args, list) or not args:
-                raise UserError(f"{source}: {key}: {{choice: [..]}} needs a non-empty list")
-            checked[key] = (name, [_check_value(base, key, v, source) for v in args])
-            continue
-        lo, hi = _pair(key, name, args, source)
-        if name in ("uniform", "loguniform"):
-            if kind != "float":
-                raise UserError(
-                    f"{source}: {key} takes {kind} values; {name} draws floats: use "
-                    f"{'randint or ' if kind == 'int' else ''}choice"
-                )
-            if name == "loguniform" and lo <= 0:
-                raise UserError(f"{source}: {key}: loguniform needs 0 < lo < hi, got {args!r}")
-            checked[key] = (name, (_check_value(base, key, lo, source),
-                                   _check_value(base, key, hi, source)))  # fmt: skip
-        else:  # randint, both ends included
-            if kind not in ("int", "float") or not all(float(x).is_integer() for x in (lo, hi)):
-                raise UserError(f"{source}: {key}: randint needs integer ends and a numeric key, "
-                                f"got {args!r}")  # fmt: skip
-            _check_value(base, key, lo, source)
-            _check_value(base, key, hi, source)
-            checked[key] = (name, (int(lo), int(hi)))
-    return checked
-
-
-def to_param_space(checked: dict[str, tuple[str, Any]]) -> dict[str, Any]:
-    """Tune's ``param_space`` entries for a checked space."""
-    from ray import tune
-
-    out: dict[str, Any] = {}
-    for key, (name, args) in checked.items():
-        if name == "grid":
-            out[key] = tune.grid_search(list(args))
-        elif name == "choice":
-            out[key] = tune.choice(list(args))
-        elif name == "uniform":
-            out[key] = tune.uniform(*args)
-        elif name == "loguniform":
-            out[key] = tune.loguniform(*args)
-        else:
-            out[key] = tune.randint(args[0], args[1] + 1)  # Tune's upper end is exclusive
-    return out
-
-
-def _grid_size(checked: dict[str, tuple[str, Any]]) -> int:
-    return math.prod(len(args) for name, args in checked.values() if name == "grid")
+_RANKING = (
+    "Ranked by Top-1, then prune rate; * marks the Pareto front of (Top-1, prune rate). "
+    f"ASHA (when used) early-stops on {METRIC} ({MODE}) at equal training {TIME_ATTR}."
+)
 
 
 # ---------------------------------------------------------------------------- resources
@@ -251,11 +116,6 @@ def trial_resources(cfg: Config, cluster: dict[str, float]):
 
 
 # ---------------------------------------------------------------------------- the trial
-
-
-def _plain(v: Any) -> Any:
-    """numpy scalars (Tune's draws) as Python values."""
-    return v.item() if hasattr(v, "item") and not isinstance(v, str | bytes) else v
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
@@ -406,108 +266,6 @@ def _check_storage(path: Path, spec: dict[str, Any]) -> bool:
     return True
 
 
-def _connect(cfg: Config, quiet: bool) -> bool:
-    """Attach to Ray (running instance, ``ray_address``/``RAY_ADDRESS``, or a new local one);
-    True when this call started it."""
-    import logging
-
-    import ray
-
-    if ray.is_initialized():
-        return False
-    level = logging.WARNING if quiet else logging.INFO
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False, logging_level=level)
-        return False
-    ray.init(
-        num_cpus=os.cpu_count() or 1,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=level,
-    )
-    return True
-
-
-def _rows(results, keys: list[str]) -> list[dict[str, Any]]:
-    # Tune's Trial objects (status, and the config of trials that never started) sit behind the
-    # ResultGrid, in the same order as its results; without them, status comes from metrics.
-    analysis = getattr(results, "_experiment_analysis", None)
-    trials = list(getattr(analysis, "trials", None) or [])
-    if len(trials) != len(results):
-        trials = [None] * len(results)
-    rows = []
-    for r, trial in zip(results, trials, strict=True):
-        m = dict(r.metrics or {})
-        config = r.config or getattr(trial, "config", None) or {}
-        tune_status = getattr(trial, "status", None)
-        if "top1" in m:
-            status = "finished"
-        elif r.error is not None:
-            status = "error"
-        elif tune_status in (None, "TERMINATED"):
-            status = "stopped"  # early-stopped by ASHA
-        else:
-            status = "unfinished"  # interrupted: run the same sweep again to resume it
-        error = None
-        if r.error is not None:
-            lines = [ln for ln in str(r.error).strip().splitlines() if ln.strip()]
-            error = lines[-1][:300] if lines else type(r.error).__name__
-        rows.append({
-            "trial_id": m.get("trial_id", getattr(trial, "trial_id", None)),
-            "params": {k: _plain(config.get(k)) for k in keys},
-            "status": status,
-            "error": error,
-            "top1": m.get("top1"),
-            "top5": m.get("top5"),
-            "prune_rate": m.get("prune_rate"),
-            "params_pruned": m.get("params_pruned"),
-            "params_dense": m.get("params_dense"),
-            "macs_pruned": m.get("macs_pruned"),
-            "kept_fraction": m.get("kept_fraction"),
-            "best_energy": m.get("best_energy"),
-            "generation": m.get("generation"),
-            "step": m.get("step"),
-            "path": r.path,
-        })  # fmt: skip
-    done = [r for r in rows if r["status"] == "finished"]
-    for r in rows:
-        r["pareto"] = r["status"] == "finished" and not any(
-            o["top1"] >= r["top1"]
-            and o["prune_rate"] >= r["prune_rate"]
-            and (o["top1"] > r["top1"] or o["prune_rate"] > r["prune_rate"])
-            for o in done
-        )
-    rows.sort(key=lambda r: (r["top1"] is None, -(r["top1"] or 0.0), -(r["prune_rate"] or 0.0)))
-    return rows
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def sweep_markdown(rows: list[dict[str, Any]], keys: list[str]) -> str:
-    """The ``sweep.md`` table: one line per trial, best Top-1 first; * = on the Pareto front of
-    (Top-1, prune rate)."""
-    head = ["#", "trial", *keys, "top1 %", "top5 %", "prune rate %", "params", "status", "pareto"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for i, r in enumerate(rows, 1):
-        pr = None if r["prune_rate"] is None else 100 * r["prune_rate"]
-        cells = [str(i), _fmt(r["trial_id"]), *(_fmt(r["params"][k]) for k in keys),
-                 _fmt(r["top1"]), _fmt(r["top5"]), _fmt(pr), _fmt(r["params_pruned"]),
-                 r["status"], "*" if r["pareto"] else ""]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    note = (
-        "\nRanked by Top-1, then prune rate; * marks the Pareto front of (Top-1, prune rate). "
-        f"ASHA (when used) early-stops on {METRIC} ({MODE}) at equal training {TIME_ATTR}.\n"
-    )
-    return "\n".join(lines) + "\n" + note
-
-
 def sweep(
     cfg: Config,
     space: dict[str, Any],
@@ -547,7 +305,7 @@ def sweep(
             "lower --set batch_size"
         )
     total_steps = cfg.epochs * steps_per_epoch
-    trials = samples * _grid_size(checked)
+    trials = samples * grid_size(checked)
     use_asha = scheduler == "asha" or (scheduler == "auto" and trials >= REDUCTION_FACTOR)
     if cfg.backend != "local" and not quiet:
         print("edrop-ray: note: sweep trials run EDropout in process (backend=local); the "
@@ -558,7 +316,11 @@ def sweep(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    started = _connect(cfg, quiet)
+    started = connect_ray(
+        cfg.ray_address,
+        num_cpus=os.cpu_count() or 1,
+        logging_level=logging.WARNING if quiet else logging.INFO,
+    )
     try:
         resources = trial_resources(trial_cfg, ray.cluster_resources())
         trainable = tune.with_resources(
@@ -605,7 +367,7 @@ def sweep(
             ray.shutdown()
 
     keys = list(checked)
-    rows = _rows(results, keys)
+    rows = trial_rows(results, keys)
     store.write_json(
         path / "sweep.json",
         {
@@ -620,7 +382,7 @@ def sweep(
             "trials": rows,
         },
     )
-    store.write_atomic(path / "sweep.md", sweep_markdown(rows, keys).encode())
+    store.write_atomic(path / "sweep.md", sweep_markdown(rows, _RANKING).encode())
     return rows
 
 
@@ -638,7 +400,7 @@ def run_sweep_cli(args) -> int:
     path = Path(out).expanduser().resolve()
     finished = sum(r["status"] == "finished" for r in rows)
     if not args.quiet:
-        print(sweep_markdown(rows, list(check_space(space, cfg))))
+        print(sweep_markdown(rows, _RANKING))
         print(f"sweep folder: {path}")
     unfinished = sum(r["status"] == "unfinished" for r in rows)
     if unfinished:

@@ -11,16 +11,11 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from edrop_ray.arms import DEFAULT_ARMS, finetune_budget
+from edrop_ray.baselines import fit_param_count, group_l1_scores, prune_order
 from edrop_ray.cli import main
-from edrop_ray.compare import (
-    DEFAULT_ARMS,
-    finetune_budget,
-    fit_param_count,
-    group_l1_scores,
-    prune_order,
-    seeds_markdown,
-    summarize_seeds,
-)
+from edrop_ray.report import seeds_markdown
+from edrop_ray.seed_stats import summarize_seeds
 from edrop_ray.slim import slim_model
 from edrop_ray.units import discover_units
 

@@ -13,14 +13,8 @@ from ray import tune
 from edrop_ray.cli import main
 from edrop_ray.config import config_to_dict, load_config
 from edrop_ray.errors import UserError
-from edrop_ray.tune import (
-    MASK_FILE,
-    check_space,
-    edropout_trial,
-    load_space,
-    to_param_space,
-    trial_resources,
-)
+from edrop_ray.space import check_space, load_space, to_param_space
+from edrop_ray.tune import MASK_FILE, edropout_trial, trial_resources
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parent.parent

@@ -41,23 +41,13 @@ def connect(cfg: Config) -> bool:
 
     Returns True when this call started Ray (and so should stop it at the end).
     """
-    if ray.is_initialized():
-        return False
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-        return False
-    # A private instance on this machine: no dashboard, logs stay in Ray's session folder. The
-    # trainer and the evaluators take turns (train, then judge), so they may share the cores:
-    # advertise enough logical CPUs for all of them.
+    from ..cluster import connect_ray
+
+    # A private instance on this machine: the trainer and the evaluators take turns (train, then
+    # judge), so they may share the cores: advertise enough logical CPUs for all of them.
     n = cfg.num_evaluators or 2
     need = n * cfg.cpus_per_evaluator + (cfg.trainer_cpus or os.cpu_count() or 1)
-    ray.init(
-        num_cpus=max(os.cpu_count() or 1, math.ceil(need)),
-        include_dashboard=False,
-        log_to_driver=False,
-    )
-    return True
+    return connect_ray(cfg.ray_address, num_cpus=max(os.cpu_count() or 1, math.ceil(need)))
 
 
 def plan_resources(cfg: Config, cluster: dict[str, float]) -> tuple[int, float, float]:
