@@ -22,8 +22,8 @@ from edrop_ray.tune import MASK_FILE, edropout_trial
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
-# the tiny config with its generations intact, on fewer pixels: a run takes a few seconds
-SMALL = ["input_size=8", "cpu_threads=1"]
+# the tiny config on SqueezeNet (dropout included) and fewer pixels: a run takes seconds
+SMALL = ["model=squeezenet1_1", "input_size=8", "cpu_threads=1"]
 SAME = ("pruned_top1", "pruned_top5", "params_pruned", "macs_pruned", "kept_units", "steps")
 SAME += ("generations", "converged_at", "kept_per_layer")
 
