@@ -128,7 +128,8 @@ class Learner:
             if example_inputs is None:
                 raise ValueError("a Learner given a model needs its example_inputs")
             replica = replica_of(model, example_inputs, cfg, device)
-        self.model, self.units, self.masker = replica.model, replica.units, replica.masker
+        self.model, self.units = replica.model, replica.units
+        self.masker = replica.masker if masked else None  # unmasked: every step trains dense
         self.example, self.memory_format = replica.example, replica.memory_format
         # Dropout (AlexNet, SqueezeNet) draws from torch's global generator. The learner keeps
         # that generator's state as its own, swaps it in around each training step and saves it

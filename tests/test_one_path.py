@@ -16,6 +16,7 @@ from edrop_ray import job, store
 from edrop_ray.compare import compare
 from edrop_ray.config import config_to_dict, load_config
 from edrop_ray.data import load_for
+from edrop_ray.loop import Learner, run_dense
 from edrop_ray.models import build_model, example_input
 from edrop_ray.seeds import stream_seed
 from edrop_ray.tune import MASK_FILE, edropout_trial
@@ -124,3 +125,31 @@ def test_python_api_on_the_same_network_ends_as_prune(cfg, pruned):
     assert torch.equal(result.mask, mask)
     assert result.report["pruned_top1"] == report["pruned_top1"]
     assert result.report["dense_top1"] == report["dense_top1"]
+
+
+def test_learner_takes_a_model_its_optimiser_and_a_start_step(cfg):
+    """What compare's fine-tuning needs, through the constructor: an unmasked model of its own
+    (e.g. a slimmed one) with its optimiser, trained from a given step to the end of the budget."""
+    train_set, _test_set, info = load_for(cfg)
+    shape = train_set[0][0].shape
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(shape.numel(), info.num_classes)
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    total = Learner(cfg, train_set, info, torch.device("cpu")).total_steps
+    learner = Learner(
+        cfg,
+        train_set,
+        info,
+        torch.device("cpu"),
+        model=model,
+        optimizer=optimizer,
+        masked=False,
+        start_step=total - 2,
+    )
+    assert learner.model is model and learner.optimizer is optimizer and learner.masker is None
+    before = model[1].weight.detach().clone()
+    run_dense(learner)
+    assert learner.step == total  # two steps: from start_step to the end of the budget
+    assert not torch.equal(model[1].weight, before)
+    assert optimizer.param_groups[0]["lr"] == 0.05  # a given optimiser keeps its own lr
