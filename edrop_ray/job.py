@@ -19,12 +19,15 @@ import torch
 import yaml
 
 from . import __version__, store
+from .budget import budget_report
 from .config import Config, config_from_dict, config_to_dict, dense_key, validate
 from .data import load_for
 from .errors import RunInterrupted, UserError
-from .loop import Learner, OwnModel, resolve_device, run_dense
+from .loop import Learner, OwnModel, measure_pruned, resolve_device, run_dense
+from .report import write_plots
 from .run import RunOutcome, RunSpec, execute
 from .seeds import STREAMS_VERSION
+from .slim import kept_per_layer, save_pruned
 
 __all__ = [
     "prune",
@@ -37,6 +40,7 @@ __all__ = [
     "train_dense",
     "load_data",
     "check_inputs",
+    "finish_run",
 ]
 
 
@@ -278,3 +282,58 @@ def _execute(
         cfg, data, device, run_dir, own=own, checkpoint=checkpoint, quiet=quiet, dense=True
     )
     return execute(spec)
+
+
+def finish_run(cfg, run_dir, learner, search, test_set, dense, history, snapshots, *, own=None):
+    """The end of every run (:func:`edrop_ray.run.execute`): evaluate, slim and save the final
+    model; write history, population, mask and plots. Returns (the slimmed model, the
+    measurement, the report without its wall times)."""
+    final = search.best.clone()
+    recalibration = {}
+    if cfg.bn_recalibrate:
+        before = learner.evaluate(test_set, final)
+        used = learner.recalibrate_bn(final, cfg.bn_recalibrate)
+        recalibration = {
+            "bn_recalibrate_batches": used,
+            "top1_before_bn_recalibrate": before["top1"],
+        }
+    slim, m = measure_pruned(learner, test_set, final)
+    info = learner.info
+    save_pruned(
+        run_dir / "pruned_model.pt",
+        slim,
+        model_name=cfg.model,
+        num_classes=info.num_classes,
+        in_channels=info.in_channels,
+        input_size=cfg.input_size,
+        small_input=cfg.small_input,
+        state=final,
+        input_shape=None if own is None else tuple(own.example.shape[1:]),
+    )
+    store.save_torch(run_dir / "mask.pt", {"mask": final, "layers": learner.units.layer_of_units()})
+    store.write_history(run_dir / "history.parquet", history)
+    store.write_population(run_dir / "population.parquet", snapshots)
+    write_plots(run_dir, history)
+    return (
+        slim,
+        m,
+        {
+            "dataset": cfg.dataset,
+            "model": cfg.model,
+            "seed": cfg.seed,
+            "backend": cfg.backend,
+            "dense_top1": dense["top1"],
+            "dense_top5": dense["top5"],
+            "pruned_top1": m["top1"],
+            "pruned_top5": m["top5"],
+            **{k: m[k] for k in ("params_dense", "params_pruned", "prune_rate", "macs_dense")},
+            **{k: m[k] for k in ("macs_pruned", "kept_units", "num_units")},
+            **budget_report(cfg, m),
+            "kept_per_layer": kept_per_layer(learner.units, final),
+            "generations": search.generation,
+            "converged_at": search.converged_at,
+            "steps": learner.step,
+            "dense_wall_s": dense.get("wall_s"),
+            **recalibration,
+        },
+    )

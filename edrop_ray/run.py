@@ -20,13 +20,12 @@ import torch
 from torch import nn
 
 from . import store
-from .budget import budget_report, counter_for
+from .budget import counter_for
 from .config import Config, config_to_dict
-from .loop import Learner, OwnModel, measure_pruned, new_learner, run_edropout
-from .report import Progress, print_summary, write_plots
+from .loop import Learner, OwnModel, new_learner, run_edropout
+from .report import Progress, print_summary
 from .search import Search
 from .seeds import STREAMS_VERSION
-from .slim import kept_per_layer, save_pruned
 
 __all__ = ["RunSpec", "RunOutcome", "execute"]
 
@@ -88,9 +87,10 @@ def execute(spec: RunSpec) -> RunOutcome:
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     t0 = time.perf_counter()
-    if spec.dense:
-        from .job import dense_baseline  # job builds on this module; the cache lives there
+    # The dense cache and the artefacts are job's (imported here: job builds on this module).
+    from .job import dense_baseline, finish_run
 
+    if spec.dense:
         dense = dense_baseline(cfg, spec.data, spec.device, own)
     else:
         dense = {"top1": None, "top5": None}
@@ -155,7 +155,7 @@ def execute(spec: RunSpec) -> RunOutcome:
     finally:
         if runtime is not None:
             runtime.shutdown()
-    slim, m, report = _finish(
+    slim, m, report = finish_run(
         cfg, run_dir, learner, search, test_set, dense, history, snapshots, own=own
     )
     report["wall_s"] = wall_before + time.perf_counter() - t0
@@ -165,57 +165,3 @@ def execute(spec: RunSpec) -> RunOutcome:
     if not spec.quiet:
         print_summary(report)
     return RunOutcome(report, slim, search.best.clone(), m)
-
-
-def _finish(cfg, run_dir, learner, search, test_set, dense, history, snapshots, *, own=None):
-    """Evaluate, slim and save the final model; write history, population, mask and plots.
-    Returns (the slimmed model, the measurement, the report)."""
-    final = search.best.clone()
-    recalibration = {}
-    if cfg.bn_recalibrate:
-        before = learner.evaluate(test_set, final)
-        used = learner.recalibrate_bn(final, cfg.bn_recalibrate)
-        recalibration = {
-            "bn_recalibrate_batches": used,
-            "top1_before_bn_recalibrate": before["top1"],
-        }
-    slim, m = measure_pruned(learner, test_set, final)
-    info = learner.info
-    save_pruned(
-        run_dir / "pruned_model.pt",
-        slim,
-        model_name=cfg.model,
-        num_classes=info.num_classes,
-        in_channels=info.in_channels,
-        input_size=cfg.input_size,
-        small_input=cfg.small_input,
-        state=final,
-        input_shape=None if own is None else tuple(own.example.shape[1:]),
-    )
-    store.save_torch(run_dir / "mask.pt", {"mask": final, "layers": learner.units.layer_of_units()})
-    store.write_history(run_dir / "history.parquet", history)
-    store.write_population(run_dir / "population.parquet", snapshots)
-    write_plots(run_dir, history)
-    return (
-        slim,
-        m,
-        {
-            "dataset": cfg.dataset,
-            "model": cfg.model,
-            "seed": cfg.seed,
-            "backend": cfg.backend,
-            "dense_top1": dense["top1"],
-            "dense_top5": dense["top5"],
-            "pruned_top1": m["top1"],
-            "pruned_top5": m["top5"],
-            **{k: m[k] for k in ("params_dense", "params_pruned", "prune_rate", "macs_dense")},
-            **{k: m[k] for k in ("macs_pruned", "kept_units", "num_units")},
-            **budget_report(cfg, m),
-            "kept_per_layer": kept_per_layer(learner.units, final),
-            "generations": search.generation,
-            "converged_at": search.converged_at,
-            "steps": learner.step,
-            "dense_wall_s": dense.get("wall_s"),
-            **recalibration,
-        },
-    )
