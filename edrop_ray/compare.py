@@ -81,13 +81,15 @@ def _count_steps() -> Iterator[list[int]]:
 def _finetune(cfg: Config, data, device, slim: nn.Module, start: int) -> Learner:
     """Train ``slim`` dense from step ``start`` to the end of the budget."""
     train_set, _test_set, info = data
-    learner = Learner(cfg, train_set, info, device)  # same data order and optimiser settings
-    learner.model = slim.to(device=device, memory_format=learner.memory_format)
-    learner.optimizer = build_optimizer(
-        learner.model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    # same data order and optimiser settings; the slimmed model has no masked channels left
+    model = slim.to(device)
+    optimizer = build_optimizer(
+        model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
-    learner.masker = None  # the slimmed model has no masked channels left
-    learner.step = start
+    learner = Learner(
+        cfg, train_set, info, device, model=model, optimizer=optimizer, masked=False,
+        start_step=start,
+    )  # fmt: skip
     while learner.step < learner.total_steps:
         learner.train(None)
     return learner

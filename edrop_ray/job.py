@@ -1,41 +1,31 @@
 """One prune job end to end: data, dense baseline, EDropout, slimming, and every artefact.
 
-This is what ``edrop-ray prune`` and ``edrop-ray resume`` run. The search itself is driven either
-in process (:func:`edrop_ray.loop.run_edropout`) or by the Ray runtime; both write the same run
-directory.
+This is what ``edrop-ray prune`` and ``edrop-ray resume`` run: the checks, the run folder, and
+the one run path (:func:`edrop_ray.run.execute`), which drives the search in process
+(:func:`edrop_ray.loop.run_edropout`) or on the Ray runtime; both write the same run directory.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import yaml
-from torch import nn
 
 from . import __version__, store
-from .budget import budget_report, counter_for
+from .budget import budget_report
 from .config import Config, config_from_dict, config_to_dict, dense_key, validate
 from .data import load_for
 from .errors import RunInterrupted, UserError
-from .loop import (
-    Learner,
-    OwnModel,
-    measure_pruned,
-    new_learner,
-    resolve_device,
-    run_dense,
-    run_edropout,
-)
-from .report import Progress, print_summary, write_plots
-from .search import Search
+from .loop import Learner, OwnModel, measure_pruned, resolve_device, run_dense
+from .report import write_plots
+from .run import RunOutcome, RunSpec, execute
 from .seeds import STREAMS_VERSION
 from .slim import kept_per_layer, save_pruned
 
@@ -43,21 +33,15 @@ __all__ = [
     "prune",
     "run_new",
     "RunOutcome",
+    "RunSpec",
+    "execute",
     "resume",
     "dense_baseline",
     "train_dense",
     "load_data",
     "check_inputs",
+    "finish_run",
 ]
-
-
-class RunOutcome(NamedTuple):
-    """What a finished run leaves besides its folder: the report (report.json's contents), the
-    physically slimmed model (CPU, as saved in pruned_model.pt) and the final mask ((D,) bool)."""
-
-    report: dict[str, Any]
-    model: nn.Module
-    mask: torch.Tensor
 
 
 def _cache_dir() -> Path:
@@ -129,19 +113,6 @@ def dense_baseline(
             return cached
     train_set, test_set, info = data
     return train_dense(Learner(cfg, train_set, info, device), test_set)
-
-
-def _start_backend(cfg: Config, local: Learner, own: OwnModel | None = None):
-    """(learner, search, runtime) for the chosen backend; runtime is None in process."""
-    counter = counter_for(cfg, local.model, local.units, local.example)
-    if cfg.backend == "local":
-        return local, Search(cfg, local.units.num_units, counter=counter), None
-    from .distributed.runner import RayRuntime  # Ray is imported only when asked for
-
-    runtime = RayRuntime(
-        cfg, local.info, local.units.num_units, counter=counter, own=own, train_set=local.train_set
-    )
-    return runtime.learner, runtime.search, runtime
 
 
 def load_data(cfg: Config):
@@ -297,91 +268,26 @@ def _check_config_file(path: Path, started: dict[str, Any]) -> None:
 
 
 def _execute(
-    cfg,
+    cfg: Config,
     run_dir: Path,
     data,
-    device,
+    device: torch.device,
     *,
     checkpoint: dict | None,
     quiet: bool,
     own: OwnModel | None = None,
 ) -> RunOutcome:
-    train_set, test_set, info = data
-    if cfg.cpu_threads:
-        torch.set_num_threads(cfg.cpu_threads)
-    t0 = time.perf_counter()
-    dense = dense_baseline(cfg, data, device, own)
-
-    # In process this learner trains; with Ray it only receives the final weights for the report.
-    local = new_learner(cfg, train_set, info, device, own)
-    learner, search, runtime = _start_backend(cfg, local, own)
-    history: list[dict[str, Any]] = []
-    snapshots: list[dict[str, Any]] = []
-    wall_before = 0.0
-    if checkpoint is not None:
-        learner.load_state_dict(checkpoint["learner"])
-        search.load_state_dict(checkpoint["search"])
-        history = list(checkpoint["history"])
-        snapshots = list(checkpoint["snapshots"])
-        wall_before = float(checkpoint["wall_s"])
-    else:
-        snapshots += store.snapshot_rows(0, search.population.states, search.population.energies)
-
-    def save() -> None:
-        store.write_history(run_dir / "history.parquet", history)
-        store.write_population(run_dir / "population.parquet", snapshots)
-        store.save_checkpoint(
-            run_dir,
-            {
-                "format": store.CHECKPOINT_FORMAT,
-                "streams": STREAMS_VERSION,  # the random streams the run draws from
-                "config": config_to_dict(cfg),
-                "learner": learner.state_dict(),
-                "search": search.state_dict(),
-                "history": history,
-                "snapshots": snapshots,
-                "wall_s": wall_before + time.perf_counter() - t0,
-            },
-        )
-
-    progress = Progress(total=learner.total_steps, start=learner.step, quiet=quiet)
-    if runtime is not None and not quiet:  # the header: how the weights travel
-        progress.console.print(runtime.transport_line, highlight=False)
-    t_run = time.perf_counter()
-
-    def on_generation(record: dict[str, Any]) -> None:
-        record["seconds"] = time.perf_counter() - t_run
-        history.append(record)
-        g = record["generation"]
-        if cfg.snapshot_every and (g % cfg.snapshot_every == 0 or record["frozen"]):
-            p = search.population
-            snapshots.extend(store.snapshot_rows(g, p.states, p.energies))
-        progress.generation(record, learner.step)
-
-    try:
-        guard = runtime.guard(str(run_dir)) if runtime is not None else contextlib.nullcontext()
-        with progress, guard:
-            run_edropout(learner, search, on_generation=on_generation, on_checkpoint=save)
-        if runtime is not None:
-            learner = runtime.learner.to_local(local)
-    finally:
-        if runtime is not None:
-            runtime.shutdown()
-    slim, report = _finish(
-        cfg, run_dir, learner, search, test_set, dense, history, snapshots, own=own
+    """A prune or resume run through the one run path, dense baseline included."""
+    spec = RunSpec(
+        cfg, data, device, run_dir, own=own, checkpoint=checkpoint, quiet=quiet, dense=True
     )
-    report["wall_s"] = wall_before + time.perf_counter() - t0
-    report["weights_transport"] = runtime.transport_name if runtime is not None else "in process"
-    store.write_json(run_dir / "report.json", report)
-    (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete: report.json is
-    if not quiet:
-        print_summary(report)
-    return RunOutcome(report, slim, search.best.clone())
+    return execute(spec)
 
 
-def _finish(cfg, run_dir, learner, search, test_set, dense, history, snapshots, *, own=None):
-    """Evaluate, slim and save the final model; write history, population, mask and plots.
-    Returns (the slimmed model, the report)."""
+def finish_run(cfg, run_dir, learner, search, test_set, dense, history, snapshots, *, own=None):
+    """The end of every run (:func:`edrop_ray.run.execute`): evaluate, slim and save the final
+    model; write history, population, mask and plots. Returns (the slimmed model, the
+    measurement, the report without its wall times)."""
     final = search.best.clone()
     recalibration = {}
     if cfg.bn_recalibrate:
@@ -408,22 +314,26 @@ def _finish(cfg, run_dir, learner, search, test_set, dense, history, snapshots, 
     store.write_history(run_dir / "history.parquet", history)
     store.write_population(run_dir / "population.parquet", snapshots)
     write_plots(run_dir, history)
-    return slim, {
-        "dataset": cfg.dataset,
-        "model": cfg.model,
-        "seed": cfg.seed,
-        "backend": cfg.backend,
-        "dense_top1": dense["top1"],
-        "dense_top5": dense["top5"],
-        "pruned_top1": m["top1"],
-        "pruned_top5": m["top5"],
-        **{k: m[k] for k in ("params_dense", "params_pruned", "prune_rate", "macs_dense")},
-        **{k: m[k] for k in ("macs_pruned", "kept_units", "num_units")},
-        **budget_report(cfg, m),
-        "kept_per_layer": kept_per_layer(learner.units, final),
-        "generations": search.generation,
-        "converged_at": search.converged_at,
-        "steps": learner.step,
-        "dense_wall_s": dense.get("wall_s"),
-        **recalibration,
-    }
+    return (
+        slim,
+        m,
+        {
+            "dataset": cfg.dataset,
+            "model": cfg.model,
+            "seed": cfg.seed,
+            "backend": cfg.backend,
+            "dense_top1": dense["top1"],
+            "dense_top5": dense["top5"],
+            "pruned_top1": m["top1"],
+            "pruned_top5": m["top5"],
+            **{k: m[k] for k in ("params_dense", "params_pruned", "prune_rate", "macs_dense")},
+            **{k: m[k] for k in ("macs_pruned", "kept_units", "num_units")},
+            **budget_report(cfg, m),
+            "kept_per_layer": kept_per_layer(learner.units, final),
+            "generations": search.generation,
+            "converged_at": search.converged_at,
+            "steps": learner.step,
+            "dense_wall_s": dense.get("wall_s"),
+            **recalibration,
+        },
+    )

@@ -28,7 +28,7 @@ from .data import DataInfo
 from .devices import resolve_device  # re-exported: the CLI, job and compare import it here
 from .energy import compute_energies
 from .errors import UserError
-from .models import build_replica, replica_of
+from .models import Replica, build_replica, replica_of
 from .seeds import stream, stream_seed
 from .slim import count_params_macs, slim_model
 from .train import build_optimizer, build_scheduler, evaluate, train_step
@@ -94,7 +94,10 @@ class Learner:
 
     The model is built from ``cfg.model`` with seeded weights, or is ``model`` (a user's own
     network, trained from the weights it holds; this learner trains it in place) with
-    ``example_inputs``, one CPU batch on which its units are traced.
+    ``example_inputs``, one CPU batch on which its units are traced. ``optimizer`` replaces the
+    one built from the config (a given one keeps its own lr: no schedule); ``masked=False``
+    trains ``model`` as it is (no units, no masker: e.g. a physically slimmed model);
+    ``start_step`` is the step of the budget it starts at.
     """
 
     def __init__(
@@ -106,6 +109,9 @@ class Learner:
         *,
         model: nn.Module | None = None,
         example_inputs: torch.Tensor | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        masked: bool = True,
+        start_step: int = 0,
     ):
         self.cfg = cfg
         self.train_set = train_set
@@ -114,11 +120,16 @@ class Learner:
         if model is None:
             torch.manual_seed(stream_seed(cfg.seed, "init"))  # the weights' initialisation
             replica = build_replica(cfg, info, device)
+        elif not masked:  # e.g. a physically slimmed model: nothing to trace, nothing to mask
+            fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+            replica = Replica(model.to(device=device, memory_format=fmt), None, None,
+                              example_inputs, fmt)  # fmt: skip
         else:
             if example_inputs is None:
                 raise ValueError("a Learner given a model needs its example_inputs")
             replica = replica_of(model, example_inputs, cfg, device)
-        self.model, self.units, self.masker = replica.model, replica.units, replica.masker
+        self.model, self.units = replica.model, replica.units
+        self.masker = replica.masker if masked else None  # unmasked: every step trains dense
         self.example, self.memory_format = replica.example, replica.memory_format
         # Dropout (AlexNet, SqueezeNet) draws from torch's global generator. The learner keeps
         # that generator's state as its own, swaps it in around each training step and saves it
@@ -128,9 +139,12 @@ class Learner:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(stream_seed(cfg.seed, "dropout"))
             self.rng_state = self._global_rng_state()
-        self.optimizer = build_optimizer(
-            self.model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
+        own_optimizer = optimizer is None
+        if optimizer is None:
+            optimizer = build_optimizer(
+                self.model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
+        self.optimizer = optimizer
         # energy_source heldout: training steps see train_part only, energy batches heldout only
         self.train_part, self.heldout = split_heldout(cfg, len(train_set))
         self.steps_per_epoch = self._train_size() // cfg.batch_size
@@ -145,10 +159,13 @@ class Learner:
                 f"warmup_steps {cfg.warmup_steps} leaves no step of the {self.total_steps}-step "
                 f"budget for the search; lower --set warmup_steps (below {self.total_steps})"
             )
-        self.scheduler = build_scheduler(
-            self.optimizer, schedule=cfg.lr_schedule, total_steps=self.total_steps
-        )
-        self.step = 0
+        # a given optimiser keeps the lr it was built with (compare's fine-tuning: constant)
+        self.scheduler = None
+        if own_optimizer:
+            self.scheduler = build_scheduler(
+                self.optimizer, schedule=cfg.lr_schedule, total_steps=self.total_steps
+            )
+        self.step = start_step  # a model trained elsewhere up to here continues
         self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
         self.energy_generator = stream(cfg.seed, "energy_batch")
 
@@ -230,8 +247,7 @@ class Learner:
             loss = train_step(
                 self.model, self.optimizer, self.masker, state, x, y, amp=self.cfg.amp
             )
-        # compare's fine-tuning swaps in an optimiser of its own: that one keeps a constant lr
-        if self.scheduler is not None and self.scheduler.optimizer is self.optimizer:
+        if self.scheduler is not None:
             self.scheduler.step()
         if not math.isfinite(loss):
             raise UserError(

@@ -65,8 +65,6 @@ __all__ = [
     "trial_resources",
     "sweep",
     "run_sweep_cli",
-    "save_trial_state",
-    "load_trial_state",
     "edropout_trial",
 ]
 
@@ -75,7 +73,6 @@ TIME_ATTR = "step"  # ASHA compares trials at equal training steps
 REDUCTION_FACTOR = 4
 EXPERIMENT = "tune"  # Tune's experiment folder inside the sweep folder
 SPEC_FILE = "sweep_spec.json"
-STATE_FILE = "trial_state.pt"
 MASK_FILE = "mask.pt"
 _RANKING = (
     "Ranked by Top-1, then prune rate; * marks the Pareto front of (Top-1, prune rate). "
@@ -126,32 +123,6 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
     return validate(Config(**values))
 
 
-def save_trial_state(directory: str | Path, learner, search, metrics: dict[str, Any]) -> None:
-    """Write a trial checkpoint (learner + search state, last reported metrics) to a folder."""
-    store.save_torch(
-        Path(directory) / STATE_FILE,
-        {
-            "format": "edrop_ray.trial/1",
-            "learner": learner.state_dict(),
-            "search": search.state_dict(),
-            "metrics": dict(metrics),
-        },
-    )
-
-
-def load_trial_state(directory: str | Path, learner, search) -> dict[str, Any]:
-    """Restore ``learner`` and ``search`` from :func:`save_trial_state`'s folder; return the
-    metrics reported with it."""
-    import torch
-
-    blob = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != "edrop_ray.trial/1":
-        raise ValueError(f"{directory} does not hold an edrop_ray trial checkpoint")
-    learner.load_state_dict(blob["learner"])
-    search.load_state_dict(blob["search"])
-    return dict(blob["metrics"])
-
-
 def _trial_device(cfg: Config):
     """The trial's device: its (Ray-assigned) GPU when it has one and the config allows it."""
     import torch
@@ -163,72 +134,75 @@ def _trial_device(cfg: Config):
 
 def edropout_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     """Tune function trainable: one EDropout run on the ``base`` config (a dict, bound with
-    ``tune.with_parameters``) with the trial's draws ``config`` applied."""
+    ``tune.with_parameters``) with the trial's draws ``config`` applied.
+
+    The run goes through :func:`edrop_ray.run.execute` like ``edrop-ray prune``, without the
+    dense baseline, into a temporary run folder. Every generation is reported; every checkpoint
+    the run writes is reported as a Tune checkpoint holding that folder (its ``checkpoint.pt``),
+    and a restarted trial continues from it as ``edrop-ray resume`` does. The last report holds
+    the final measurement, with the finished run folder (``mask.pt``) as its checkpoint."""
     import torch
     from ray import tune
 
-    from .budget import counter_for
     from .data import load_for
-    from .loop import Learner, measure_pruned, run_edropout
-    from .search import Search
+    from .job import check_streams
+    from .run import RunSpec, execute
 
     cfg = trial_config(base, config)
     torch.set_num_threads(max(1, cfg.cpu_threads or int(_trial_cpus(cfg))))
-    train_set, test_set, info = load_for(cfg)
-    learner = Learner(cfg, train_set, info, _trial_device(cfg))
-    counter = counter_for(cfg, learner.model, learner.units, learner.example)
-    search = Search(cfg, learner.units.num_units, counter=counter)
+    data = load_for(cfg)
     last: dict[str, Any] = {}
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            last = load_trial_state(d, learner, search)
 
-    def report(metrics: dict[str, Any], *, with_checkpoint: bool) -> None:
-        if not with_checkpoint:
-            tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            save_trial_state(d, learner, search, metrics)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+    def metrics(record: dict[str, Any]) -> dict[str, Any]:
+        keys = ("generation", "step", "best_energy", "mean_energy", "kept_fraction")
+        keys += ("diversity", "train_loss", "frozen")
+        return {k: record[k] for k in keys}
 
     def on_generation(record: dict[str, Any]) -> None:
         last.clear()
-        last.update(
-            generation=record["generation"],
-            step=record["step"],
-            best_energy=record["best_energy"],
-            mean_energy=record["mean_energy"],
-            kept_fraction=record["kept_fraction"],
-            diversity=record["diversity"],
-            train_loss=record["train_loss"],
-            frozen=record["frozen"],
+        last.update(metrics(record))
+        tune.report(dict(last))
+
+    def on_checkpoint(run_dir: Path, step: int) -> None:
+        if not last:
+            return  # dense warm-up: no generation yet, so no metric to report with it
+        last["step"] = step
+        tune.report(dict(last), checkpoint=tune.Checkpoint.from_directory(str(run_dir)))
+
+    with tempfile.TemporaryDirectory() as d:
+        run_dir = Path(d)
+        blob = None
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as saved:
+                blob = store.load_checkpoint(Path(saved))  # as resume loads it
+                check_streams(blob, Path(saved))
+            if blob["history"]:
+                last.update(metrics(blob["history"][-1]))
+                last["step"] = int(blob["learner"]["step"])
+        device = _trial_device(cfg)
+        spec = RunSpec(
+            cfg,
+            data,
+            device,
+            run_dir,
+            checkpoint=blob,
+            quiet=True,
+            dense=False,  # a trial trains no dense model of its own
+            on_generation=on_generation,
+            on_checkpoint=on_checkpoint,
         )
-        every = cfg.checkpoint_every
-        report(dict(last), with_checkpoint=bool(every) and record["generation"] % every == 0)
-
-    def on_checkpoint() -> None:
-        # Generations checkpoint themselves; once the mask is frozen there are none, so the
-        # training steps that remain are checkpointed (and reported) on the step schedule.
-        if search.frozen:
-            last["step"] = learner.step
-            report(dict(last), with_checkpoint=True)
-
-    run_edropout(learner, search, on_generation=on_generation, on_checkpoint=on_checkpoint)
-
-    final = search.best.clone()
-    _slim, measured = measure_pruned(learner, test_set, final)
-    result = {
-        **last,
-        "step": learner.step,
-        "generation": search.generation,
-        **measured,
-        "converged_at": -1 if search.converged_at is None else search.converged_at,
-    }
-    with tempfile.TemporaryDirectory() as d:  # the final mask, as the trial's last checkpoint
-        mask = {"mask": final.cpu(), "layers": learner.units.layer_of_units()}
-        store.save_torch(Path(d) / MASK_FILE, mask)
-        tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
+        outcome = execute(spec)
+        report = outcome.report
+        result = {
+            **last,
+            "step": report["steps"],
+            "generation": report["generations"],
+            **outcome.measured,
+            "converged_at": -1 if report["converged_at"] is None else report["converged_at"],
+        }
+        # the finished run folder (mask.pt among its files) is the trial's last checkpoint
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(run_dir)))
 
 
 # ---------------------------------------------------------------------------- the sweep

@@ -18,6 +18,7 @@ from edrop_ray.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
+SHARED_RAY = True  # the Ray test runs on the session's instance (conftest.ray_cluster)
 SQUEEZE = ["model=squeezenet1_1", "cpu_threads=1", "num_evaluators=1", "trainer_cpus=1"]
 
 
@@ -95,11 +96,5 @@ def test_learner_dropout_stream_is_saved_and_restored():
 
 
 @pytest.mark.ray
-def test_squeezenet_resume_is_exact_on_ray(tmp_path, monkeypatch):
-    import ray
-
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
-    try:
-        _resume_matches_unbroken("ray", tmp_path, monkeypatch)
-    finally:
-        ray.shutdown()
+def test_squeezenet_resume_is_exact_on_ray(ray_cluster, tmp_path, monkeypatch):
+    _resume_matches_unbroken("ray", tmp_path, monkeypatch)  # on the session's Ray instance

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from ray import tune
 
+from edrop_ray import store
 from edrop_ray.cli import main
 from edrop_ray.config import config_to_dict, load_config
 from edrop_ray.errors import UserError
@@ -17,17 +17,11 @@ from edrop_ray.space import check_space, load_space, to_param_space
 from edrop_ray.tune import MASK_FILE, edropout_trial, trial_resources
 
 pytestmark = pytest.mark.ray
+SHARED_RAY = True  # the sweep attaches to the session's Ray instance (conftest.ray_cluster)
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
 SPACE_TINY = ROOT / "configs" / "space_tiny.yaml"
 SPACE_DEFAULT = ROOT / "configs" / "space_default.yaml"
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture
@@ -116,8 +110,9 @@ def test_trial_resources_one_bundle():
 
 def test_trial_resumes_from_its_checkpoint(tmp_path, monkeypatch, keep_threads):
     """The trainable in process, with tune.report/get_checkpoint stubbed: a trial restarted
-    from a mid-run checkpoint reports the remaining generations and ends where an unbroken
-    trial ends (same mask, same Top-1)."""
+    from a mid-run checkpoint (a folder holding the run's checkpoint.pt, as ``edrop-ray prune``
+    writes it) reports the remaining generations and ends where an unbroken trial ends (same
+    mask, same Top-1)."""
     base = config_to_dict(load_config(TINY, ["cpu_threads=1"]))
     params = {"F": 0.8, "CR": 0.6}
     saved = iter(range(1000))
@@ -137,10 +132,12 @@ def test_trial_resumes_from_its_checkpoint(tmp_path, monkeypatch, keep_threads):
         return reports
 
     full = run(None)
-    gens = [m for m, _ in full if "top1" not in m]
+    gens = [m for m, c in full if c is None]  # one report per generation, no checkpoint
     assert [m["generation"] for m in gens] == list(range(1, len(gens) + 1))
     mids = [(i, c) for i, (m, c) in enumerate(full[:-1]) if c is not None]
-    assert mids, "tiny.yaml checkpoints every 2 generations"
+    assert mids, "tiny.yaml checkpoints every 2 generations' worth of steps"
+    for _i, c in mids:  # the run's own checkpoint, loaded as resume loads it
+        assert store.load_checkpoint(c)["format"] == store.CHECKPOINT_FORMAT
     i, mid = mids[len(mids) // 2]
     resumed = run(tune.Checkpoint.from_directory(str(mid)))
     rest = full[i + 1 : -1]
@@ -154,7 +151,7 @@ def test_trial_resumes_from_its_checkpoint(tmp_path, monkeypatch, keep_threads):
     assert torch.equal(torch.load(again_ckpt / MASK_FILE, weights_only=True)["mask"], mask)
 
 
-def test_sweep_end_to_end_and_resume(cluster, tmp_path, capsys):
+def test_sweep_end_to_end_and_resume(ray_cluster, tmp_path, capsys):
     out = tmp_path / "sweep"
     assert main(sweep_args(SPACE_TINY, out)) == 0
     data = json.loads((out / "sweep.json").read_text())
