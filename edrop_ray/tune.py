@@ -26,10 +26,11 @@ Design choices
   scheduler is then FIFO (every trial runs to the end and has a Top-1). Caveat: when
   ``sparsity_lambda`` is searched, energies carry different penalties across trials, so ASHA's
   comparison mixes accuracy and sparsity the way each trial weighs them.
-* **Fault tolerance.** Every ``checkpoint_every`` generations (and, once the mask is frozen,
-  every ``checkpoint_every x evolve_every`` steps) a trial reports a checkpoint holding the
-  learner's and the search's state (``torch.save``; loaded with ``weights_only=True``); a trial
-  that restarts (``FailureConfig(max_failures=2)``) continues from it via ``tune.get_checkpoint``.
+* **Fault tolerance.** A trial is a run of :func:`edrop_ray.run.execute`, like ``edrop-ray
+  prune``: every checkpoint the run writes (every ``checkpoint_every x evolve_every`` steps) is
+  reported as a Tune checkpoint, the run folder holding the very ``checkpoint.pt`` that
+  ``resume`` reads; a trial that restarts (``FailureConfig(max_failures=2)``) loads it with
+  :func:`edrop_ray.store.load_checkpoint` via ``tune.get_checkpoint`` and continues from it.
   Running ``edrop-ray sweep`` again with the same ``--out`` (and the same config, space and
   samples) resumes the experiment with ``Tuner.restore`` when ``Tuner.can_restore`` says so:
   finished trials are kept, unfinished and errored ones continue from their last checkpoint.
