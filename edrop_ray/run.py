@@ -67,9 +67,8 @@ class RunSpec:
     on_checkpoint: Callable[[Path, int], None] | None = None
 
 
-def _start_backend(cfg: Config, local: Learner, own: OwnModel | None = None):
+def _start_backend(cfg: Config, local: Learner, own: OwnModel | None, counter):
     """(learner, search, runtime) for the chosen backend; runtime is None in process."""
-    counter = counter_for(cfg, local.model, local.units, local.example)
     if cfg.backend == "local":
         return local, Search(cfg, local.units.num_units, counter=counter), None
     from .distributed.runner import RayRuntime  # Ray is imported only when asked for
@@ -90,14 +89,16 @@ def execute(spec: RunSpec) -> RunOutcome:
     # The dense cache and the artefacts are job's (imported here: job builds on this module).
     from .job import dense_baseline, finish_run
 
+    # In process this learner trains; with Ray it only receives the final weights for the report.
+    # Its budget counter is built first: a budget this model cannot take is refused in a line
+    # before the dense baseline trains (the learner seeds its own weights, so order is moot).
+    local = new_learner(cfg, train_set, info, spec.device, own)
+    counter = counter_for(cfg, local.model, local.units, local.example)
     if spec.dense:
         dense = dense_baseline(cfg, spec.data, spec.device, own)
     else:
         dense = {"top1": None, "top5": None}
-
-    # In process this learner trains; with Ray it only receives the final weights for the report.
-    local = new_learner(cfg, train_set, info, spec.device, own)
-    learner, search, runtime = _start_backend(cfg, local, own)
+    learner, search, runtime = _start_backend(cfg, local, own, counter)
     history: list[dict[str, Any]] = []
     snapshots: list[dict[str, Any]] = []
     wall_before = 0.0

@@ -5,6 +5,7 @@ Bad names and a missing timm are one line that says how to fix it."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -101,3 +102,18 @@ def test_without_timm_the_error_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` raises ImportError
     with pytest.raises(UserError, match=r"needs timm.*pip install 'edrop-ray\[timm\]'"):
         build_model(NAME, num_classes=10, in_channels=1)
+
+
+def test_a_budget_the_counter_cannot_model_is_one_line_before_any_training(tmp_path, capsys):
+    """timm's MobileNetV3 traces, but its unit count differs from Torch-Pruning's: a MACs budget
+    is refused before the dense baseline, in one line, with nothing written."""
+    argv = ["prune", "--config", TINY, "--out", str(tmp_path / "new"), "--quiet", "--backend",
+            "local", "--set", "model=timm:mobilenetv3_small_050", "--set", "input_size=16",
+            "--set", "target_macs=0.5"]  # fmt: skip
+    cache = Path(os.environ["EDROP_RAY_CACHE"])
+    before = sorted(cache.rglob("*.json"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot take target_params, target_macs or macs_lambda" in err[0]
+    assert not (tmp_path / "new").exists()
+    assert sorted(cache.rglob("*.json")) == before  # no dense baseline was trained
