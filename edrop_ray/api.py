@@ -257,7 +257,9 @@ def prune(
         )
         job.check_inputs(cfg, data, names=False)
         # a budget no state can meet is refused now, not after the dense baseline
-        Search(cfg, units.num_units, counter=counter_for(cfg, own.module, units, own.example))
+        Search.from_config(
+            cfg, units.num_units, counter=counter_for(cfg, own.module, units, own.example)
+        )
     except UserError as e:
         raise ValueError(str(e)) from None
 

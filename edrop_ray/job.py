@@ -135,7 +135,7 @@ def _start_backend(cfg: Config, local: Learner, own: OwnModel | None = None):
     """(learner, search, runtime) for the chosen backend; runtime is None in process."""
     counter = counter_for(cfg, local.model, local.units, local.example)
     if cfg.backend == "local":
-        return local, Search(cfg, local.units.num_units, counter=counter), None
+        return local, Search.from_config(cfg, local.units.num_units, counter=counter), None
     from .distributed.runner import RayRuntime  # Ray is imported only when asked for
 
     runtime = RayRuntime(

@@ -317,7 +317,7 @@ def edropout_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     train_set, test_set, info = load_for(cfg)
     learner = Learner(cfg, train_set, info, _trial_device(cfg))
     counter = counter_for(cfg, learner.model, learner.units, learner.example)
-    search = Search(cfg, learner.units.num_units, counter=counter)
+    search = Search.from_config(cfg, learner.units.num_units, counter=counter)
     last: dict[str, Any] = {}
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:

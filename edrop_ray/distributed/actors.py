@@ -196,7 +196,9 @@ class Coordinator:
         transport: tuple[str, str] = ("object_store", ""), counter=None,
     ):  # fmt: skip
         self.cfg = cfg
-        self.search = Search(cfg, num_units, counter=counter)  # counter: budget.Counter or None
+        self.search = Search.from_config(
+            cfg, num_units, counter=counter
+        )  # counter: budget.Counter or None
         self.pool = EvaluatorPool(evaluators, cfg.generation_timeout_s)
         self.trainer = trainer
         self.transport, self.backend = transport
