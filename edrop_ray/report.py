@@ -151,7 +151,7 @@ def write_plots(run_dir: Path, history: list[dict[str, Any]]) -> list[Path]:
 
 def _save_figure(fig, path: Path) -> Path:
     """Save ``fig`` as a PNG through a temporary file and a rename, then close it."""
-    from .store import write_atomic  # local: store imports torch, the plots above do not need it
+    from .files import write_atomic  # local: files imports torch, the plots above do not need it
 
     buf = io.BytesIO()
     try:

@@ -20,12 +20,12 @@ from edrop_ray import loop
 from edrop_ray.config import load_config
 from edrop_ray.data import load_for
 from edrop_ray.energy import compute_energies
+from edrop_ray.files import pack_states
 from edrop_ray.loop import Learner, measure_pruned, run_edropout
 from edrop_ray.masking import Masker
 from edrop_ray.models import build_model
 from edrop_ray.search import Search
 from edrop_ray.slim import slim_model
-from edrop_ray.store import pack_states
 from edrop_ray.train import evaluate
 from edrop_ray.units import discover_units
 

@@ -25,10 +25,10 @@ from ..config import Config
 from ..data import DataInfo, load_for
 from ..devices import set_cpu_threads, worker_device
 from ..energy import compute_energies
+from ..files import pack_states, unpack_states
 from ..loop import Learner
 from ..models import build_replica, replica_of
 from ..search import Search
-from ..store import pack_states, unpack_states
 from .pool import EvaluatorPool, InputsLost
 from .transport import GroupMember, free_address, rank_identity
 
