@@ -19,6 +19,7 @@ import torch
 __all__ = [
     "mutations",
     "register_mutation",
+    "unregister_mutation",
     "Population",
     "init_states",
     "start",
@@ -82,6 +83,11 @@ def register_mutation(name: str) -> Callable[[MutationFn], MutationFn]:
         return fn
 
     return register
+
+
+def unregister_mutation(name: str) -> None:
+    """Forget the mutation operator called ``name`` (a test's or a notebook's own)."""
+    _MUTATIONS.pop(name)
 
 
 def mutations() -> tuple[str, ...]:

@@ -70,7 +70,7 @@ class RunSpec:
 def _start_backend(cfg: Config, local: Learner, own: OwnModel | None, counter):
     """(learner, search, runtime) for the chosen backend; runtime is None in process."""
     if cfg.backend == "local":
-        return local, Search(cfg, local.units.num_units, counter=counter), None
+        return local, Search.from_config(cfg, local.units.num_units, counter=counter), None
     from .distributed.runner import RayRuntime  # Ray is imported only when asked for
 
     runtime = RayRuntime(

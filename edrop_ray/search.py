@@ -11,16 +11,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import population as pop
 from .budget import Counter, repair_budget
-from .config import Config
 from .energy import macs_penalty
 from .errors import UserError
 from .seeds import stream
+
+if TYPE_CHECKING:  # a Config is only read field by field: no import of the config module
+    from .config import Config
 
 __all__ = ["DEParams", "Search"]
 
@@ -61,10 +63,8 @@ class Search:
     build_counter`); needed for ``target_params``, ``target_macs`` and ``macs_lambda``.
     """
 
-    def __init__(
-        self, params: DEParams | Config, num_units: int, *, counter: Counter | None = None
-    ):
-        cfg = params if isinstance(params, DEParams) else DEParams.from_config(params)
+    def __init__(self, params: DEParams, num_units: int, *, counter: Counter | None = None):
+        cfg = params
         self.params = cfg
         self.num_units = num_units
         self.counter = counter
@@ -84,6 +84,11 @@ class Search:
         self.frozen = False
         self.converged_at: int | None = None
         self._trials: torch.Tensor | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config, num_units: int, *, counter: Counter | None = None) -> Search:
+        """The search of a run: :class:`DEParams` taken from the run's config."""
+        return cls(DEParams.from_config(cfg), num_units, counter=counter)
 
     @property
     def best(self) -> torch.Tensor:

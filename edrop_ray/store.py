@@ -1,30 +1,40 @@
-"""Run directory: resolved config, atomic checkpoints, Parquet history and population snapshots.
+"""Run folders: what a folder holds, checking an --out, staging, committing and resuming a run.
 
-Every file is written aside and renamed into place, so a crash never leaves a half-written file
-where a good one stood, and the previous checkpoint survives until the new one is complete.
+A run or a comparison is written into a staged folder beside ``--out`` and renamed into place
+when complete (:func:`stage_out`, :func:`commit_out`); a folder is recognised by its marker.
+The files themselves, and the one atomic writer, are :mod:`.files`'s.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from .errors import UserError
 
-if TYPE_CHECKING:
-    import pyarrow as pa
-    import torch
-
-# numpy, pyarrow and torch are imported where they are used: checking an output folder (the
-# CLI does it before anything heavy is loaded) must not pay for them.
+# The file formats are re-exported here: the run path writes a run's files through ``store``.
+from .files import (
+    CHECKPOINT,
+    CHECKPOINT_FORMAT,
+    load_checkpoint,
+    pack_states,
+    read_population,
+    save_checkpoint,
+    save_torch,
+    snapshot_rows,
+    unpack_states,
+    write_atomic,
+    write_history,
+    write_json,
+    write_population,
+    write_yaml,
+)
 
 __all__ = [
     "RUN_MARKERS",
@@ -58,8 +68,6 @@ __all__ = [
 # A run folder identifies itself with this marker, written by this tool before anything else.
 MARKER = ".edrop_ray_run"
 RUN_FORMAT = "edrop_ray.run/1"
-CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = "edrop_ray.checkpoint/1"
 # Files a run (kind "run") or a comparison (kind "compare") of this tool writes in its folder;
 # --overwrite replaces a folder only when it holds nothing else.
 RUN_FILES = frozenset({
@@ -74,18 +82,6 @@ _REPORT_KEYS = frozenset({"dense_top1", "pruned_top1", "params_pruned", "prune_r
 RUN_MARKERS = (MARKER, "report.json", CHECKPOINT)  # kept for callers that look for a run
 # the folder of one seed in a multi-seed comparison (compare --seeds): OUT/seed<N>
 SEED_DIR = re.compile(r"seed[0-9]+")
-
-
-def _umask() -> int:
-    try:  # Linux: read it without changing it
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _read_json(path: Path) -> Any:
@@ -382,151 +378,3 @@ def open_resumable(path: str | Path) -> Path:
     if not (p / CHECKPOINT).is_file():
         raise UserError(f"{str(p)!r} has no checkpoint.pt to resume from; start a new run")
     return p
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a run's files follow the umask
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_torch(path: Path, obj: Any) -> None:
-    """``torch.save`` through :func:`write_atomic` (load it back with ``weights_only=True``)."""
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    write_atomic(path, buf.getvalue())
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def write_yaml(path: Path, obj: Any) -> None:
-    write_atomic(path, yaml.safe_dump(obj, sort_keys=False).encode())
-
-
-def _write_table(path: Path, table: pa.Table) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    write_atomic(path, sink.getvalue().to_pybytes())
-
-
-def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Per-generation metrics, one row per generation."""
-    import pyarrow as pa
-
-    _write_table(path, pa.Table.from_pylist(rows))
-
-
-def pack_states(states: torch.Tensor) -> list[bytes]:
-    """(S, D) bool -> S bit-packed byte strings (D/8 bytes each)."""
-    import numpy as np
-
-    bits = states.cpu().numpy().astype(np.uint8)
-    return [np.packbits(row).tobytes() for row in bits]
-
-
-def unpack_states(packed: list[bytes], num_units: int) -> torch.Tensor:
-    import numpy as np
-    import torch
-
-    rows = [np.unpackbits(np.frombuffer(b, dtype=np.uint8))[:num_units] for b in packed]
-    return torch.from_numpy(np.stack(rows).astype(bool))
-
-
-def write_population(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Population snapshots: columns generation, member, energy, num_units, bits (packed)."""
-    import pyarrow as pa
-
-    schema = pa.schema(
-        [
-            ("generation", pa.int64()),
-            ("member", pa.int64()),
-            ("energy", pa.float64()),
-            ("num_units", pa.int64()),
-            ("bits", pa.binary()),
-        ]
-    )
-    _write_table(path, pa.Table.from_pylist(rows, schema=schema))
-
-
-def snapshot_rows(generation: int, states: torch.Tensor, energies: torch.Tensor) -> list[dict]:
-    """Rows of one population snapshot for :func:`write_population`."""
-    packed = pack_states(states)
-    return [
-        {
-            "generation": generation,
-            "member": i,
-            "energy": float(energies[i]),
-            "num_units": int(states.shape[1]),
-            "bits": packed[i],
-        }
-        for i in range(states.shape[0])
-    ]
-
-
-def read_population(path: Path) -> dict[int, torch.Tensor]:
-    """generation -> (S, D) bool states, from a population.parquet file."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path).to_pylist()
-    by_gen: dict[int, list[dict]] = {}
-    for row in table:
-        by_gen.setdefault(row["generation"], []).append(row)
-    return {
-        g: unpack_states(
-            [r["bits"] for r in sorted(rows, key=lambda r: r["member"])], rows[0]["num_units"]
-        )  # fmt: skip
-        for g, rows in by_gen.items()
-    }
-
-
-def save_checkpoint(run_dir: Path, blob: dict[str, Any]) -> None:
-    """Atomically replace ``checkpoint.pt`` (the old one stays whole until the new one is)."""
-    import torch
-
-    path = run_dir / CHECKPOINT
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".checkpoint.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_checkpoint(run_dir: Path) -> dict[str, Any]:
-    """Load ``checkpoint.pt`` with ``weights_only=True``; UserError when missing or corrupt."""
-    import torch
-
-    path = run_dir / CHECKPOINT
-    if not path.is_file():
-        raise UserError(f"{str(run_dir)!r} has no checkpoint.pt to resume from; start a new run")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, bad pickle, wrong file: all the same to the user
-        raise UserError(
-            f"checkpoint {str(path)!r} is corrupt or truncated ({type(e).__name__}); "
-            "restore it from a copy or start a new run"
-        ) from e
-    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{str(path)!r} is not an edrop_ray checkpoint; start a new run")
-    return blob

@@ -106,7 +106,7 @@ def test_a_registered_mutation_is_used_by_name():
         # CR = 1: every trial bit is the mutant's, i.e. some member's own bits.
         assert all(any(torch.equal(t, s) for s in states) for t in trials)
     finally:
-        pop._MUTATIONS.pop("keep_a")
+        pop.unregister_mutation("keep_a")
 
 
 @pytest.mark.parametrize(("mutation", "F", "CR"), [("logical", 0.2, 0.2), ("sigmoid", 0.9, 0.7)])

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from edrop_ray.cli import main
+from edrop_ray.files import read_population
 from edrop_ray.models import build_model
 from edrop_ray.slim import load_pruned
-from edrop_ray.store import read_population
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")

@@ -20,12 +20,12 @@ from edrop_ray import loop
 from edrop_ray.config import load_config
 from edrop_ray.data import load_for
 from edrop_ray.energy import compute_energies
+from edrop_ray.files import pack_states
 from edrop_ray.loop import Learner, measure_pruned, run_edropout
 from edrop_ray.masking import Masker
 from edrop_ray.models import build_model
 from edrop_ray.search import Search
 from edrop_ray.slim import slim_model
-from edrop_ray.store import pack_states
 from edrop_ray.train import evaluate
 from edrop_ray.units import discover_units
 
@@ -118,11 +118,11 @@ def test_learner_and_search_on_another_device_compute_what_the_cpu_computes(data
     train_set, test_set, info = data
     cfg = tiny()
     cpu = Learner(cfg, train_set, info, CPU)
-    want = _one_of_each(cpu, Search(cfg, cpu.units.num_units), test_set)
+    want = _one_of_each(cpu, Search.from_config(cfg, cpu.units.num_units), test_set)
     with other_device() as dev:
         learner = Learner(cfg, train_set, info, dev)
         assert next(learner.model.parameters()).device == dev
-        search = Search(cfg, learner.units.num_units)
+        search = Search.from_config(cfg, learner.units.num_units)
         assert search.best.device == CPU  # the states come from the CPU, as in every run
         got = _one_of_each(learner, search, test_set)
     torch.testing.assert_close(got["energies"], want["energies"], rtol=0, atol=0)
@@ -146,7 +146,7 @@ def test_a_users_own_model_on_another_device_computes_what_the_cpu_computes(data
         torch.manual_seed(3)  # the user's weights, the same for both learners
         model = build_model("resnet18", num_classes=info.num_classes, in_channels=1)
         learner = Learner(cfg, train_set, info, device, model=model, example_inputs=example)
-        return _one_of_each(learner, Search(cfg, learner.units.num_units), test_set)
+        return _one_of_each(learner, Search.from_config(cfg, learner.units.num_units), test_set)
 
     want = own(CPU)
     with other_device() as dev:
@@ -163,7 +163,7 @@ def test_the_whole_loop_on_another_device_ends_with_the_cpu_mask(data):
     def run(device: torch.device) -> tuple[torch.Tensor, int]:
         learner = Learner(cfg, train_set, info, device)
         learner.total_steps = 8  # enough for generations and frozen-mask training steps
-        search = Search(cfg, learner.units.num_units)
+        search = Search.from_config(cfg, learner.units.num_units)
         run_edropout(learner, search)
         return search.best.clone(), search.generation
 
@@ -199,7 +199,7 @@ def test_the_actors_code_runs_on_another_device(data, monkeypatch):
 
     train_set, _test, info = data
     cfg = tiny()
-    states = Search(cfg, Learner(cfg, train_set, info, CPU).units.num_units).propose()
+    states = Search.from_config(cfg, Learner(cfg, train_set, info, CPU).units.num_units).propose()
     with other_device() as dev:
         monkeypatch.setattr(actors, "worker_device", lambda _name: dev)
         trainer = actors.Trainer(cfg, 1.0)
@@ -234,7 +234,7 @@ def test_bf16_autocast_and_channels_last_keep_the_invariants(data, channels_last
     train_set, test_set, info = data
     cfg = tiny("amp=bf16", f"channels_last={str(channels_last).lower()}")
     learner = Learner(cfg, train_set, info, CPU)
-    search = Search(cfg, learner.units.num_units)
+    search = Search.from_config(cfg, learner.units.num_units)
     # energies under bf16 autocast: finite, and batched equals one pass per state
     x, y = learner.energy_batch()
     if channels_last:

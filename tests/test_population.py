@@ -18,10 +18,46 @@ def test_init_member_zero_is_dense_and_p0_is_respected():
 
 
 def test_parents_are_distinct():
-    parents = pop._pick_parents(10, gen())
+    # Member i keeps only unit i, so an operator sees which members it was given as parents.
+    seen = []
+
+    @pop.register_mutation("record-parents")
+    def record(s_a, s_b, s_c, *, F, kappa, generator):
+        seen.append([s.int().argmax(dim=1) for s in (s_a, s_b, s_c)])
+        return s_a
+
+    try:
+        pop.ask(torch.eye(10, dtype=torch.bool), F=0.5, CR=0.5, mutation="record-parents",
+                generator=gen())  # fmt: skip
+    finally:
+        pop.unregister_mutation("record-parents")
+    parents = torch.stack(seen[0], dim=1)
     assert parents.shape == (10, 3)
     for row in parents.tolist():
         assert len(set(row)) == 3
+
+
+def flip_all(s_a, s_b, s_c, *, F, kappa, generator):
+    """A new operator in one function: the mutant is the complement of parent a."""
+    return ~s_a
+
+
+def test_a_new_operator_is_one_function_and_one_name():
+    from edrop_ray.search import DEParams, Search
+
+    pop.register_mutation("flip-all")(flip_all)
+    try:
+        search = Search(DEParams(population_size=6, mutation="flip-all", CR=1.0, seed=1), 30)
+        candidates = search.propose()
+        members, trials = candidates[:6], candidates[6:]
+        # CR = 1: every trial is the complement of one member
+        assert all(any(torch.equal(t, ~m) for m in members) for t in trials)
+        record = search.select(candidates.float().sum(dim=1))  # energy: kept units
+        assert record["generation"] == 1
+        assert record["best_energy"] <= float(members.float().sum(dim=1).min())
+    finally:
+        pop.unregister_mutation("flip-all")
+    assert "flip-all" not in pop.mutations()
 
 
 @pytest.mark.parametrize("mutation", pop.mutations())
@@ -110,7 +146,7 @@ def _search(**overrides):
     from edrop_ray.search import Search
 
     cfg = load_config("configs/tiny.yaml", [f"{k}={v}" for k, v in overrides.items()])
-    return Search(cfg, 64)
+    return Search.from_config(cfg, 64)
 
 
 def test_search_freezes_when_best_is_unchanged_for_patience_generations():

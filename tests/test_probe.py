@@ -37,7 +37,7 @@ def _run(data, *overrides: str, steps: int = 10) -> tuple[Search, list[dict]]:
     train_set, _test, info = data
     learner = Learner(load_config(TINY, [*BASE, *overrides]), train_set, info, CPU)
     learner.total_steps = steps
-    search = Search(learner.cfg, learner.units.num_units)
+    search = Search.from_config(learner.cfg, learner.units.num_units)
     history: list[dict] = []
     run_edropout(learner, search, on_generation=history.append)
     return search, history

@@ -98,9 +98,11 @@ def test_each_epoch_has_its_own_order(learner):
 
 def test_the_search_draws_from_the_population_stream():
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["seed=5"])
-    a, b = Search(cfg, num_units=40), Search(cfg, num_units=40)
+    a, b = Search.from_config(cfg, num_units=40), Search.from_config(cfg, num_units=40)
     assert torch.equal(a.population.states, b.population.states)
-    other = Search(load_config(ROOT / "configs" / "tiny.yaml", ["seed=4"]), num_units=40)
+    other = Search.from_config(
+        load_config(ROOT / "configs" / "tiny.yaml", ["seed=4"]), num_units=40
+    )
     assert not torch.equal(a.population.states, other.population.states)
 
 

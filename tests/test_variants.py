@@ -70,7 +70,7 @@ def test_batch_statistics_need_the_local_backend():
 
 def test_sampled_training_state_follows_the_energies_and_stops_at_the_freeze():
     cfg = load_config(None, ["population_size=4", "backend=local", "train_state=sampled"])
-    search = Search(cfg, num_units=64)
+    search = Search.from_config(cfg, num_units=64)
     g = torch.Generator().manual_seed(0)
     assert torch.equal(search.sample_member(g), search.best)  # nothing judged yet: the best
     candidates = search.propose()

@@ -45,7 +45,7 @@ def _learner(data, *overrides: str) -> Learner:
 def _run(learner: Learner, steps: int | None = None) -> tuple[Search, list[dict]]:
     if steps is not None:
         learner.total_steps = steps
-    search = Search(learner.cfg, learner.units.num_units)
+    search = Search.from_config(learner.cfg, learner.units.num_units)
     history: list[dict] = []
     run_edropout(learner, search, on_generation=history.append)
     return search, history

@@ -25,10 +25,10 @@ from ..config import Config
 from ..data import DataInfo, load_for
 from ..devices import set_cpu_threads, worker_device
 from ..energy import compute_energies
+from ..files import pack_states, unpack_states
 from ..loop import Learner
 from ..models import build_replica, replica_of
 from ..search import Search
-from ..store import pack_states, unpack_states
 from .pool import EvaluatorPool, InputsLost
 from .transport import GroupMember, free_address, rank_identity
 
@@ -196,7 +196,9 @@ class Coordinator:
         transport: tuple[str, str] = ("object_store", ""), counter=None,
     ):  # fmt: skip
         self.cfg = cfg
-        self.search = Search(cfg, num_units, counter=counter)  # counter: budget.Counter or None
+        self.search = Search.from_config(
+            cfg, num_units, counter=counter
+        )  # counter: budget.Counter or None
         self.pool = EvaluatorPool(evaluators, cfg.generation_timeout_s)
         self.trainer = trainer
         self.transport, self.backend = transport
