@@ -21,7 +21,8 @@ import torch
 from edrop_ray.config import load_config
 from edrop_ray.data import load_for
 from edrop_ray.distributed.runner import RayRuntime
-from edrop_ray.loop import Learner, run_edropout
+from edrop_ray.learner import Learner
+from edrop_ray.loop import run_edropout
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ import torch
 from edrop_ray import job
 from edrop_ray.config import load_config
 from edrop_ray.data import load_for
-from edrop_ray.loop import resolve_device
+from edrop_ray.learner import resolve_device
 
 
 def main() -> None:

@@ -196,7 +196,7 @@ def measure_bf16_energies(args) -> dict[str, float]:
     """Energies of 2S random states with fp32 and with bf16-rounded weights of the same model,
     briefly trained (so BN statistics and weights are not the initial ones)."""
     from edrop_ray.data import load_for
-    from edrop_ray.loop import Learner
+    from edrop_ray.learner import Learner
 
     cfg = load_config(None, ["dataset=digits", f"model={args.model}",
                              f"input_size={args.input_size}", "backend=local"])  # fmt: skip

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from .data import DataInfo
-from .loop import OwnModel, fetch_batch
+from .learner import OwnModel, fetch_batch
 from .masking import Masker
 from .slim import slim_model
 from .units import Units, discover_units

@@ -30,7 +30,8 @@ from .arms import RUN_ARMS as _RUN_ARMS
 from .baselines import fit_param_count, prune_order, prune_to_params, random_scores
 from .config import Config, config_to_dict
 from .errors import UserError
-from .loop import Learner, measure_pruned
+from .learner import Learner
+from .loop import measure_pruned
 from .report.compare import print_table, seeds_markdown, to_markdown
 from .report.compare import write_compare_plot as _write_plot
 from .report.compare import write_seeds_plot as _write_seeds_plot

@@ -366,7 +366,7 @@ def evaluate_cli(args: argparse.Namespace) -> int:
             f"channel(s), but the model of {str(run_dir)!r} takes {blob['in_channels']} channel(s) "
             f"and predicts {blob['num_classes']} classes; pick a matching --dataset"
         )
-    from .loop import resolve_device, test_batches
+    from .learner import resolve_device, test_batches
     from .slim import load_pruned
     from .train import evaluate
 

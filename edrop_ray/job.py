@@ -23,7 +23,8 @@ from .budget import budget_report
 from .config import Config, config_from_dict, config_to_dict, dense_key, validate
 from .data import load_for
 from .errors import RunInterrupted, UserError
-from .loop import Learner, OwnModel, measure_pruned, resolve_device, run_dense
+from .learner import Learner, OwnModel, resolve_device
+from .loop import measure_pruned, run_dense
 from .report import write_plots
 from .run import RunOutcome, RunSpec, execute
 from .seeds import STREAMS_VERSION

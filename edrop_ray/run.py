@@ -22,7 +22,8 @@ from torch import nn
 from . import store
 from .budget import counter_for
 from .config import Config, config_to_dict
-from .loop import Learner, OwnModel, new_learner, run_edropout
+from .learner import Learner, OwnModel, new_learner
+from .loop import run_edropout
 from .report import Progress, print_summary
 from .search import Search
 from .seeds import STREAMS_VERSION

@@ -205,7 +205,7 @@ class Search:
 
     def run_generation(self, learner) -> dict[str, Any]:
         """One whole generation judged by ``learner`` (anything with ``energy_batch()`` and
-        ``energies(states, x, y)``, e.g. :class:`edrop_ray.loop.Learner`)."""
+        ``energies(states, x, y)``, e.g. :class:`edrop_ray.learner.Learner`)."""
         x, y = learner.energy_batch()
         record = self.select(learner.energies(self.propose(), x, y))
         if self.probes is not None:  # a pass of their own: the population's energies unchanged

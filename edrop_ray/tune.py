@@ -1,6 +1,6 @@
 """``edrop-ray sweep``: Ray Tune sweeps over EDropout's hyper-parameters (Ray 2.60 ``ray.tune``).
 
-Each trial is one whole EDropout run (:class:`~edrop_ray.loop.Learner` +
+Each trial is one whole EDropout run (:class:`~edrop_ray.learner.Learner` +
 :class:`~edrop_ray.search.Search` driven by :func:`~edrop_ray.loop.run_edropout`) on the trial's
 config; at the end the masked model is evaluated (Top-1/Top-5 on the test set) and physically
 slimmed to count its parameters.

@@ -16,12 +16,13 @@ import torch
 from device_guard import DeviceMixError, other_device
 from torch.utils._pytree import tree_flatten
 
-from edrop_ray import loop
+from edrop_ray import learner as learner_module
 from edrop_ray.config import load_config
 from edrop_ray.data import load_for
 from edrop_ray.energy import compute_energies
 from edrop_ray.files import pack_states
-from edrop_ray.loop import Learner, measure_pruned, run_edropout
+from edrop_ray.learner import Learner
+from edrop_ray.loop import measure_pruned, run_edropout
 from edrop_ray.masking import Masker
 from edrop_ray.models import build_model
 from edrop_ray.search import Search
@@ -100,7 +101,7 @@ def _one_of_each(learner: Learner, search: Search, test_set) -> dict:
         slim_logits = slim.eval()(x)
     # `edrop-ray evaluate` and compare's fine-tuned baselines: a slimmed model on the device
     slim_scores = evaluate(
-        slim.to(learner.device), loop.test_batches(test_set, 256), device=learner.device
+        slim.to(learner.device), learner_module.test_batches(test_set, 256), device=learner.device
     )
     return {
         "energies": search.population.energies.clone(),

@@ -16,7 +16,8 @@ from edrop_ray import job, store
 from edrop_ray.compare import compare
 from edrop_ray.config import config_to_dict, load_config
 from edrop_ray.data import load_for
-from edrop_ray.loop import Learner, run_dense
+from edrop_ray.learner import Learner
+from edrop_ray.loop import run_dense
 from edrop_ray.models import build_model, example_input
 from edrop_ray.seeds import stream_seed
 from edrop_ray.tune import MASK_FILE, edropout_trial

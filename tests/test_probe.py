@@ -11,7 +11,8 @@ import torch
 from edrop_ray.config import load_config
 from edrop_ray.data import load_for
 from edrop_ray.errors import UserError
-from edrop_ray.loop import Learner, run_edropout
+from edrop_ray.learner import Learner
+from edrop_ray.loop import run_edropout
 from edrop_ray.search import DEParams, Search
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,7 +23,8 @@ from edrop_ray import job
 from edrop_ray.config import load_config
 from edrop_ray.data import load_datasets
 from edrop_ray.distributed.runner import RayRuntime, plan_resources
-from edrop_ray.loop import Learner, run_edropout
+from edrop_ray.learner import Learner
+from edrop_ray.loop import run_edropout
 
 pytestmark = pytest.mark.ray
 SHARED_RAY = True  # the session's Ray instance (tests/conftest.py: ray_cluster)

@@ -10,7 +10,8 @@ from ray.cluster_utils import Cluster
 from edrop_ray.config import load_config
 from edrop_ray.data import load_datasets
 from edrop_ray.distributed.runner import RayRuntime
-from edrop_ray.loop import Learner, run_edropout
+from edrop_ray.learner import Learner
+from edrop_ray.loop import run_edropout
 
 pytestmark = pytest.mark.ray
 TINY = "configs/tiny.yaml"

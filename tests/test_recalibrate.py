@@ -8,7 +8,7 @@ import torch
 
 from edrop_ray.config import load_config
 from edrop_ray.data import load_for
-from edrop_ray.loop import Learner
+from edrop_ray.learner import Learner
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -76,7 +76,7 @@ def test_squeezenet_resume_is_exact_in_process(tmp_path, monkeypatch):
 def test_learner_dropout_stream_is_saved_and_restored():
     """The learner's own stream survives a state_dict round trip and leaves the global one be."""
     from edrop_ray.data import load_for
-    from edrop_ray.loop import Learner
+    from edrop_ray.learner import Learner
 
     cfg = load_config(TINY, SQUEEZE)
     train_set, _test, info = load_for(cfg)

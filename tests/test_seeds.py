@@ -13,7 +13,7 @@ from edrop_ray import job
 from edrop_ray.config import load_config
 from edrop_ray.data import load_datasets, load_for
 from edrop_ray.errors import UserError
-from edrop_ray.loop import Learner
+from edrop_ray.learner import Learner
 from edrop_ray.search import Search
 from edrop_ray.seeds import STREAMS, STREAMS_VERSION, stream, stream_seed
 

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from edrop_ray import job, loop, store
+from edrop_ray import job, store
+from edrop_ray import learner as learner_module
 from edrop_ray.config import Config, dense_key, load_config
 from edrop_ray.data import load_for
 from edrop_ray.errors import UserError
-from edrop_ray.loop import Learner, run_dense, run_edropout
+from edrop_ray.learner import Learner
+from edrop_ray.loop import run_dense, run_edropout
 from edrop_ray.search import Search
 from edrop_ray.train import build_optimizer
 
@@ -126,7 +128,7 @@ def test_heldout_energy_batches_never_meet_a_training_batch(data, monkeypatch):
 
     seen: dict[str, list[int]] = {"train": [], "energy": []}
     phase = ["train"]
-    real_fetch = loop.fetch_batch
+    real_fetch = learner_module.fetch_batch
 
     def fetch(dataset, idx):
         seen[phase[0]].extend(idx.tolist())
@@ -142,7 +144,7 @@ def test_heldout_energy_batches_never_meet_a_training_batch(data, monkeypatch):
 
         return call
 
-    monkeypatch.setattr(loop, "fetch_batch", fetch)
+    monkeypatch.setattr(learner_module, "fetch_batch", fetch)
     learner.draw_energy_batch = tagged("energy", learner.draw_energy_batch)
     learner.train_batch = tagged("train", learner.train_batch)
     search, history = _run(learner)  # the whole budget

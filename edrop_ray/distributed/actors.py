@@ -1,6 +1,6 @@
 """The three Ray actors. Each is a thin shell around the core objects; no algorithm lives here.
 
-- :class:`Trainer` wraps a :class:`~edrop_ray.loop.Learner`: masked training, energy batches,
+- :class:`Trainer` wraps a :class:`~edrop_ray.learner.Learner`: masked training, energy batches,
   weights published to the object store.
 - :class:`Evaluator` holds a copy of the model and computes the energies of one shard of
   candidates with :func:`~edrop_ray.energy.compute_energies`.
@@ -26,7 +26,7 @@ from ..data import DataInfo, load_for
 from ..devices import set_cpu_threads, worker_device
 from ..energy import compute_energies
 from ..files import pack_states, unpack_states
-from ..loop import Learner
+from ..learner import Learner
 from ..models import build_replica, replica_of
 from ..search import Search
 from .pool import EvaluatorPool, InputsLost
@@ -38,7 +38,7 @@ __all__ = ["Trainer", "Evaluator", "Coordinator", "InputsLost"]
 class Trainer:
     """Owns the model and optimiser; trains with the best state and publishes weights.
 
-    own, data: a user's own network (:class:`~edrop_ray.loop.OwnModel`) and its
+    own, data: a user's own network (:class:`~edrop_ray.learner.OwnModel`) and its
     ``(train_set, info)``, shipped once through the object store; else both come from ``cfg``.
     """
 

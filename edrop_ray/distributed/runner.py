@@ -26,7 +26,7 @@ from ray.util.scheduling_strategies import (
 from ..config import Config
 from ..data import DataInfo
 from ..errors import UserError
-from ..loop import Learner
+from ..learner import Learner
 from .actors import Coordinator, Evaluator, InputsLost, Trainer
 from .transport import choose_transport
 
@@ -74,7 +74,7 @@ def plan_resources(cfg: Config, cluster: dict[str, float]) -> tuple[int, float, 
 class RayRuntime:
     """The actors of one run, placed on the cluster.
 
-    own, train_set: a user's own network (:class:`~edrop_ray.loop.OwnModel`: the module, pickled
+    own, train_set: a user's own network (:class:`~edrop_ray.learner.OwnModel`: the module, pickled
     with its weights, and its example inputs) and training set, put in the object store once
     and built by every actor from there; without them the actors build ``cfg.model`` and load
     ``cfg.dataset`` themselves.
@@ -200,7 +200,7 @@ class RayRuntime:
 
 
 class RemoteLearner:
-    """Driver-side stand-in for :class:`~edrop_ray.loop.Learner`; the trainer actor works."""
+    """Driver-side stand-in for :class:`~edrop_ray.learner.Learner`; the trainer actor works."""
 
     def __init__(self, cfg: Config, trainer, total_steps: int, transport: str = "object_store"):
         self.cfg = cfg
