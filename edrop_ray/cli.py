@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override one config key, e.g. --set population_size=32 (repeatable)",
     )
+    p.add_argument(
+        "--preset",
+        help="named settings applied after --config, before --set: paper (the paper's exact "
+        "procedure: a generation every step, S = 16, ...)",
+    )
     p.add_argument("--out", help="run directory (default: runs/<dataset>-<model>-<time>)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument(
@@ -54,12 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--space", required=True, help="YAML search space (see configs/space_*.yaml)")
     s.add_argument("--samples", type=int, default=8, help="trials to sample (default 8)")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument(
+        "--preset",
+        help="named settings applied after --config, before --set: paper (the paper's exact "
+        "procedure: a generation every step, S = 16, ...)",
+    )
     s.add_argument("--out", help="sweep folder, Tune's storage_path (default: runs/sweep-<time>)")
     s.add_argument("--quiet", action="store_true")
 
     c = verbs.add_parser("compare", help="EDropout against dense, magnitude and random pruning")
     c.add_argument("--config", help="YAML config (default: the embedded digits run)")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument(
+        "--preset",
+        help="named settings applied after --config, before --set: paper (the paper's exact "
+        "procedure: a generation every step, S = 16, ...)",
+    )
     c.add_argument("--out", help="folder for compare.json / compare.md / plot")
     c.add_argument(
         "--budget",
@@ -128,6 +143,7 @@ def _run(args: argparse.Namespace) -> int:
         job.resume(args.run_dir, quiet=args.quiet)
         return 0
     if args.verb == "sweep":
+        args.overrides = _overrides(args)
         load_config(args.config, args.overrides, names=False)  # checks without torch or Ray
         _out(args)
         read_yaml(Path(args.space), "space", "--space")  # a binary or broken file: one line
@@ -155,8 +171,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    """--set, then --backend (the flag wins over the config and --set)."""
-    overrides = list(args.overrides)
+    """--preset, then --set, then --backend (the flag wins over the config and --set)."""
+    from .config import preset_overrides
+
+    overrides = [*preset_overrides(getattr(args, "preset", None)), *args.overrides]
     if getattr(args, "backend", None):
         overrides.append(f"backend={args.backend}")
     return overrides

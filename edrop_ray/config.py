@@ -246,6 +246,41 @@ def read_yaml(p: Path, what: str, flag: str) -> Any:
         raise UserError(f"{what} file {str(p)!r} is nested too deeply to be a {what}") from None
 
 
+# Named presets: settings applied after the YAML config and before --set (``--preset NAME``).
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's procedure exactly (Salehinejad & Valaee, TNNLS 2022; DESIGN.md section 1): a
+    # generation before every training step, S = 16 from p0 = 0.5, the logical mutation at
+    # F = 0.9 and CR = 0.7, energies on training batches with BatchNorm's running statistics,
+    # training under the best state, a constant learning rate, no warm-up, penalty or
+    # recalibration, nothing overlapped.
+    "paper": {
+        "evolve_every": 1,
+        "population_size": 16,
+        "p0": 0.5,
+        "mutation": "logical",
+        "F": 0.9,
+        "CR": 0.7,
+        "sparsity_lambda": 0.0,
+        "energy_bn": "running",
+        "energy_source": "train",
+        "train_state": "best",
+        "lr_schedule": "constant",
+        "warmup_steps": 0,
+        "bn_recalibrate": 0,
+        "pipeline": False,
+    },
+}
+
+
+def preset_overrides(name: str | None) -> list[str]:
+    """``key=value`` overrides of the preset ``name`` (none for None); one line if unknown."""
+    if name is None:
+        return []
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in PRESETS[name].items()]
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
