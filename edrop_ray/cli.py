@@ -22,6 +22,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _add_preset(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--preset",
+        help="named settings applied after --config, before --set: paper (the paper's exact "
+        "procedure: a generation every step, S = 16, ...)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="edrop-ray", description="EDropout: energy-based dropout and pruning, on Ray."
@@ -38,11 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override one config key, e.g. --set population_size=32 (repeatable)",
     )
-    p.add_argument(
-        "--preset",
-        help="named settings applied after --config, before --set: paper (the paper's exact "
-        "procedure: a generation every step, S = 16, ...)",
-    )
+    _add_preset(p)
     p.add_argument("--out", help="run directory (default: runs/<dataset>-<model>-<time>)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument(
@@ -59,22 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--space", required=True, help="YAML search space (see configs/space_*.yaml)")
     s.add_argument("--samples", type=int, default=8, help="trials to sample (default 8)")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument(
-        "--preset",
-        help="named settings applied after --config, before --set: paper (the paper's exact "
-        "procedure: a generation every step, S = 16, ...)",
-    )
+    _add_preset(s)
     s.add_argument("--out", help="sweep folder, Tune's storage_path (default: runs/sweep-<time>)")
     s.add_argument("--quiet", action="store_true")
 
     c = verbs.add_parser("compare", help="EDropout against dense, magnitude and random pruning")
     c.add_argument("--config", help="YAML config (default: the embedded digits run)")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    c.add_argument(
-        "--preset",
-        help="named settings applied after --config, before --set: paper (the paper's exact "
-        "procedure: a generation every step, S = 16, ...)",
-    )
+    _add_preset(c)
     c.add_argument("--out", help="folder for compare.json / compare.md / plot")
     c.add_argument(
         "--budget",
