@@ -51,3 +51,35 @@ def test_sweep_markdown_is_one_line_per_trial_with_the_front_starred():
     assert len(lines) == 2
     assert lines[0].rstrip().endswith("| * |") and lines[1].rstrip().endswith("|  |")
     assert text.rstrip().endswith("a note")
+
+
+def test_the_budget_note_names_only_the_arms_that_ran():
+    from edrop_ray.report import to_markdown
+
+    rows = [
+        {
+            "method": m,
+            "top1": 90.0,
+            "top5": 99.0,
+            "params": 10,
+            "macs": 20,
+            "prune_rate": 0.5,
+            "wall_s": 1.0,
+            "train_steps": 110,
+        }
+        for m in ("dense", "edropout", "random-mask")
+    ]
+    result = {
+        "model": "resnet18",
+        "dataset": "digits",
+        "seed": 0,
+        "budget": "equal-steps",
+        "total_steps": 110,
+        "finetune_steps": 30,
+        "finetune_start_step": 80,
+        "rows": rows,
+    }
+    note = to_markdown(result).strip().splitlines()[-1]
+    assert "Random-mask trains a random state" in note and "110 steps" in note
+    for absent in ("Magnitude", "edropout-s4", "frozen-first-gen", "paper-schedule"):
+        assert absent not in note

@@ -54,23 +54,43 @@ def print_table(result: dict[str, Any]) -> None:
     Console().print(table)
 
 
-def _budget_note(budget: str, total: int, finetune: Any, start: Any) -> str:
+_ARM_NOTES = {
+    "random-mask": "random-mask trains a random state of EDropout's parameter count from step 0",
+    "edropout-s4": "edropout-s4 is EDropout with S = 4",
+    "frozen-first-gen": "frozen-first-gen keeps the best state of generation 1",
+    "paper-schedule": "paper-schedule evolves at every step with S = 16",
+}
+
+
+def _budget_note(budget: str, total: int, finetune: Any, start: Any, methods) -> str:
+    """What the budget meant for the arms that ran (``methods``)."""
+    baselines = [m for m in ("magnitude", "random") if m in methods]
+    controls = "; ".join(text for m, text in _ARM_NOTES.items() if m in methods)
+    controls = f" {controls[0].upper()}{controls[1:]}." if controls else ""
     if budget == "equal-steps":
-        return (
-            f"Budget: equal-steps. Every arm trains {total} steps in all. Magnitude (group L1) and "
-            f"random pruning train dense to step {start}, are slimmed to EDropout's parameter "
-            f"count and fine-tuned {finetune} steps (the steps EDropout trained its final mask). "
-            "random-mask trains a random state of EDropout's parameter count from step 0; "
-            "edropout-s4 is EDropout with S = 4; frozen-first-gen keeps the best state of "
-            "generation 1; paper-schedule evolves at every step with S = 16. Steps are counted "
-            "optimiser steps."
+        pruned = (
+            f" {' and '.join(baselines).capitalize().replace('Magnitude', 'Magnitude (group L1)')}"
+            f" pruning train{'s' if len(baselines) == 1 else ''} dense to step {start}, "
+            f"{'is' if len(baselines) == 1 else 'are'} slimmed to EDropout's parameter count and "
+            f"fine-tuned {finetune} steps (the steps EDropout trained its final mask)."
+            if baselines
+            else ""
         )
+        return (
+            f"Budget: equal-steps. Every arm trains {total} steps in all.{pruned}{controls} "
+            "Steps are counted optimiser steps."
+        )
+    pruned = (
+        f" Magnitude (group L1) and random pruning start from the dense model trained {total} "
+        f"steps, are slimmed to EDropout's parameter count and fine-tuned {finetune} steps (the "
+        f"steps EDropout trained its final mask, from step {start}): {total} + {finetune} steps "
+        "in all."
+        if baselines
+        else ""
+    )
     return (
-        f"Budget: equal-finetune. Dense, EDropout and the controls train {total} steps. Magnitude "
-        f"(group L1) and random pruning start from the dense model trained {total} steps, are "
-        f"slimmed to EDropout's parameter count and fine-tuned {finetune} steps (the steps "
-        f"EDropout trained its final mask, from step {start}): {total} + {finetune} steps in all. "
-        "Steps are counted optimiser steps."
+        f"Budget: equal-finetune. Dense, EDropout and the controls train {total} steps.{pruned}"
+        f"{controls} Steps are counted optimiser steps."
     )
 
 
@@ -85,7 +105,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(result)]
     note = _budget_note(
         result["budget"], result["total_steps"], result["finetune_steps"],
-        result["finetune_start_step"],
+        result["finetune_start_step"], [r["method"] for r in result["rows"]],
     )  # fmt: skip
     lines += ["", note, ""]
     return "\n".join(lines)
@@ -127,7 +147,7 @@ def seeds_markdown(summary: dict[str, Any]) -> str:
         )
     finetune = "/".join(map(str, summary["finetune_steps"]))
     note = _budget_note(summary["budget"], summary["total_steps"], f"{finetune} (per seed)",
-                        "T - f")  # fmt: skip
+                        "T - f", [a["method"] for a in summary["arms"]])  # fmt: skip
     lines += ["", note, ""]
     return "\n".join(lines)
 
