@@ -4,6 +4,8 @@
 # Run it from the repository root (examples/user_model.py is the example).
 #
 #   RAY_ADDRESS=http://HEAD:8265 bash examples/ray_job.sh
+#   RAY_ADDRESS=http://HEAD:8265 bash examples/ray_job.sh --set epochs=1 --out runs/quick
+#   (arguments are passed on to `edrop-ray prune`, after the ones below: they win)
 #
 # make(num_classes=..., in_channels=...) returns the nn.Module; digits() returns (train, test).
 # Their inputs are 8x8, hence input_size=8. Add --set init_weights=weights.pt (a state_dict file
@@ -17,4 +19,5 @@ ray job submit --working-dir . -- \
         --set input_size=8 \
         --set epochs=5 \
         --set backend=ray \
-        --out runs/user-model
+        --out runs/user-model \
+        "$@"

@@ -1,4 +1,4 @@
-"""A real `ray start --head` on 127.0.0.1 and `ray job submit` of the tiny config."""
+"""A real `ray start --head` on 127.0.0.1 and `ray job submit` of examples/ray_job.sh."""
 
 from __future__ import annotations
 
@@ -47,16 +47,15 @@ def head(tmp_path_factory):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_ray_job_submit_runs_the_tiny_config(head, tmp_path):
+def test_the_ray_job_example_prunes_your_own_model_on_the_cluster(head, tmp_path):
+    """examples/ray_job.sh as a user runs it: `ray job submit --working-dir .` uploads the
+    repository, and the job imports the model and data set by path (examples.user_model)."""
     address, env = head
     out = tmp_path / "job-run"
-    cmd = [
-        RAY, "job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--",
-        "python", "-m", "edrop_ray", "prune", "--config", "configs/tiny.yaml",
-        "--set", "backend=ray", "--set", "trainer_cpus=1", "--out", str(out), "--quiet",
-    ]  # fmt: skip
-    env = dict(env, EDROP_RAY_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
+    cmd = ["bash", str(ROOT / "examples" / "ray_job.sh"), "--set", "epochs=1",
+           "--set", "trainer_cpus=1", "--out", str(out), "--quiet"]  # fmt: skip
+    env = dict(env, RAY_ADDRESS=address, EDROP_RAY_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     job_id = re.search(r"Job '(raysubmit_\w+)' submitted", proc.stdout + proc.stderr).group(1)
     assert JobSubmissionClient(address).get_job_status(job_id) == JobStatus.SUCCEEDED
@@ -64,4 +63,5 @@ def test_ray_job_submit_runs_the_tiny_config(head, tmp_path):
                  "mask.pt", "pruned_model.pt", "plots/energy.png"):  # fmt: skip
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
-    assert report["backend"] == "ray" and report["params_pruned"] < report["params_dense"]
+    assert report["backend"] == "ray" and report["model"] == "examples.user_model:make"
+    assert report["params_pruned"] < report["params_dense"]
