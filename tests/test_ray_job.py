@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
+    """A head node of our own, stopped through the pid we started: `ray stop` would stop every
+    Ray process on the machine, other people's clusters included."""
     # A short temp dir: Ray's unix socket paths must stay under ~107 characters.
     temp = Path("/tmp") / f"edr-{os.getpid()}"
     dash = free_port()
@@ -35,15 +40,35 @@ def head(tmp_path_factory):
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=path)
     start = [
-        RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+        RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
         "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats",
     ]  # fmt: skip
-    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
+    # --block keeps `ray start` in the foreground as the parent of the node's processes; its own
+    # session makes them one process group, which is what the teardown signals
+    proc = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    address = f"http://127.0.0.1:{dash}"
     try:
-        yield f"http://127.0.0.1:{dash}", env
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, "ray start --head exited"
+            try:
+                JobSubmissionClient(address).list_jobs()
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "the head's job server never answered"
+                time.sleep(1)
+        yield address, env
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)  # our group only: the pid this fixture started
+            try:
+                proc.wait(timeout=60)
+                break
+            except subprocess.TimeoutExpired:
+                continue
         shutil.rmtree(temp, ignore_errors=True)
 
 
