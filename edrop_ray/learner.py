@@ -178,7 +178,8 @@ class Learner:
             yield
             self.rng_state = self._global_rng_state()
 
-    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A CPU batch on this learner's device, in its memory format."""
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         return x, y.to(self.device, non_blocking=True)
 
@@ -216,7 +217,7 @@ class Learner:
 
     def energy_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`draw_energy_batch`, on the learner's device."""
-        return self._to_device(*self.draw_energy_batch())
+        return self.to_device(*self.draw_energy_batch())
 
     def energies(self, states: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -234,7 +235,7 @@ class Learner:
 
     def train(self, state: torch.Tensor | None) -> float:
         """One masked step on the next training batch; raises UserError on a NaN loss."""
-        x, y = self._to_device(*self.train_batch(self.step))
+        x, y = self.to_device(*self.train_batch(self.step))
         with self.own_rng():
             loss = train_step(
                 self.model, self.optimizer, self.masker, state, x, y, amp=self.cfg.amp
@@ -285,7 +286,7 @@ class Learner:
         try:
             with self.masker.applied(state):
                 for k in range(batches):
-                    x, _y = self._to_device(
+                    x, _y = self.to_device(
                         *fetch_batch(self.train_set, order[k * bs : (k + 1) * bs])
                     )
                     self.model(x)

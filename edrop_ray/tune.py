@@ -124,15 +124,6 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
     return validate(Config(**values))
 
 
-def _trial_device(cfg: Config):
-    """The trial's device: its (Ray-assigned) GPU when it has one and the config allows it."""
-    import torch
-
-    if cfg.device != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def edropout_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     """Tune function trainable: one EDropout run on the ``base`` config (a dict, bound with
     ``tune.with_parameters``) with the trial's draws ``config`` applied.
@@ -146,6 +137,7 @@ def edropout_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     from ray import tune
 
     from .data import load_for
+    from .devices import worker_device
     from .job import check_streams
     from .run import RunSpec, execute
 
@@ -181,7 +173,7 @@ def edropout_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
             if blob["history"]:
                 last.update(metrics(blob["history"][-1]))
                 last["step"] = int(blob["learner"]["step"])
-        device = _trial_device(cfg)
+        device = worker_device(cfg.device)
         spec = RunSpec(
             cfg,
             data,

@@ -211,7 +211,7 @@ def test_the_actors_code_runs_on_another_device(data, monkeypatch):
         evaluator.model.load_state_dict(trainer.weights())
         packed = pack_states(states)  # states travel bit-packed
         shard, energies, _seconds = evaluator.evaluate(3, packed, batch, [None], evaluator.version)
-        want = trainer.learner.energies(states, *trainer.learner._to_device(*batch))
+        want = trainer.learner.energies(states, *trainer.learner.to_device(*batch))
         loss = trainer.train(states[0])
     assert shard == 3 and energies.device == CPU
     torch.testing.assert_close(energies, want, rtol=0, atol=0)
