@@ -1,7 +1,7 @@
 """Structured pruning baselines: rank the units, remove the lowest, fit a parameter count.
 
 Used by ``edrop-ray compare`` (:mod:`edrop_ray.compare`) for its **magnitude** and **random** arms
-and its **random-mask** control. Plain PyTorch and Torch-Pruning: no Ray, no training.
+and its **random-mask** control. Plain PyTorch and Torch-Pruning, no Ray.
 
 Ranking. Both baselines prune the units of :mod:`edrop_ray.units` (so they share EDropout's
 definition of a prunable channel exactly) and slim with :func:`edrop_ray.slim.slim_model`. The
@@ -16,16 +16,30 @@ highest-scored unit, so no layer (or residual stream) is removed whole.
 Parameter budget. The number of removed units is found by bisection on the exact parameter
 count of the slimmed model (parameters only fall as units are removed), taking whichever of the
 two bracketing counts is closer to EDropout's ``params_pruned``; one unit is the resolution.
+
+Training them. :func:`dense_until` trains the dense model to the step pruning starts,
+:func:`finetune` trains a slimmed model from that step to the end of the budget (a
+:class:`~edrop_ray.learner.Learner` given the model and a fresh optimiser, unmasked), and
+:func:`count_steps` counts the optimiser steps each arm really takes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import time
+from collections.abc import Iterator
+
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .config import Config
+from .learner import Learner
 from .seeds import stream
 from .slim import slim_model
+from .train import build_optimizer
 from .units import Units, build_dependency, find_classifier
 
 __all__ = [
@@ -35,6 +49,9 @@ __all__ = [
     "state_without",
     "fit_param_count",
     "prune_to_params",
+    "count_steps",
+    "finetune",
+    "dense_until",
 ]
 
 PRUNABLE = (nn.Conv2d, nn.Linear)  # the layer types whose output channels are units
@@ -148,3 +165,51 @@ def prune_to_params(
     order = prune_order(scores, units)
     state, _ = fit_param_count(model, units, order, example_inputs, target)
     return state, slim_model(model, units, state, example_inputs)
+
+
+# --------------------------------------------------------------------------- training them
+
+
+@contextlib.contextmanager
+def count_steps() -> Iterator[list[int]]:
+    """Count every optimiser step taken in this process while the block runs: ``box[0]``."""
+    box = [0]
+
+    def hook(_optimizer, _args, _kwargs) -> None:
+        box[0] += 1
+
+    handle = register_optimizer_step_post_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def finetune(cfg: Config, data, device, slim: nn.Module, start: int) -> Learner:
+    """Train ``slim`` dense from step ``start`` to the end of the budget."""
+    train_set, _test_set, info = data
+    # same data order and optimiser settings; the slimmed model has no masked channels left
+    model = slim.to(device)
+    optimizer = build_optimizer(
+        model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    learner = Learner(
+        cfg, train_set, info, device, model=model, optimizer=optimizer, masked=False,
+        start_step=start,
+    )  # fmt: skip
+    while learner.step < learner.total_steps:
+        learner.train(None)
+    return learner
+
+
+def dense_until(cfg: Config, data, device, steps: int) -> tuple[nn.Module, int, float]:
+    """(model, counted steps, wall): a dense model trained ``steps`` steps from scratch, the same
+    seed and data order as the dense arm (so it is the dense arm's model at that step)."""
+    train_set, _test_set, info = data
+    t0 = time.perf_counter()
+    learner = Learner(cfg, train_set, info, device)
+    with count_steps() as counted:
+        while learner.step < steps:
+            learner.train(None)
+    model = copy.deepcopy(learner.model).to("cpu").float()
+    return model, counted[0], time.perf_counter() - t0

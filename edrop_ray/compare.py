@@ -9,11 +9,10 @@ and the command line is :mod:`edrop_ray.compare_cli`.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,19 @@ import pyarrow.parquet as pq
 import torch
 from rich.console import Console
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import job, store
 from .arms import BUDGETS, DEFAULT_ARMS, EDROPOUT_DIR, METHODS, REQUIRED, finetune_budget
 from .arms import RUN_ARMS as _RUN_ARMS
-from .baselines import fit_param_count, prune_order, prune_to_params, random_scores
+from .baselines import (
+    count_steps,
+    dense_until,
+    finetune,
+    fit_param_count,
+    prune_order,
+    prune_to_params,
+    random_scores,
+)
 from .config import Config, config_to_dict
 from .errors import UserError
 from .learner import Learner
@@ -38,7 +44,6 @@ from .report.compare import write_seeds_plot as _write_seeds_plot
 from .seed_stats import same_config as _same_config
 from .seed_stats import summarize_seeds
 from .slim import count_params_macs
-from .train import build_optimizer
 from .units import Units
 
 __all__ = [
@@ -64,51 +69,6 @@ def _say(console: Console | None, text: str) -> None:
         console.print(text, highlight=False)
 
 
-@contextlib.contextmanager
-def _count_steps() -> Iterator[list[int]]:
-    """Count every optimiser step taken in this process while the block runs: ``box[0]``."""
-    box = [0]
-
-    def hook(_optimizer, _args, _kwargs) -> None:
-        box[0] += 1
-
-    handle = register_optimizer_step_post_hook(hook)
-    try:
-        yield box
-    finally:
-        handle.remove()
-
-
-def _finetune(cfg: Config, data, device, slim: nn.Module, start: int) -> Learner:
-    """Train ``slim`` dense from step ``start`` to the end of the budget."""
-    train_set, _test_set, info = data
-    # same data order and optimiser settings; the slimmed model has no masked channels left
-    model = slim.to(device)
-    optimizer = build_optimizer(
-        model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
-    learner = Learner(
-        cfg, train_set, info, device, model=model, optimizer=optimizer, masked=False,
-        start_step=start,
-    )  # fmt: skip
-    while learner.step < learner.total_steps:
-        learner.train(None)
-    return learner
-
-
-def _dense_until(cfg: Config, data, device, steps: int) -> tuple[nn.Module, int, float]:
-    """(model, counted steps, wall): a dense model trained ``steps`` steps from scratch, the same
-    seed and data order as the dense arm (so it is the dense arm's model at that step)."""
-    train_set, _test_set, info = data
-    t0 = time.perf_counter()
-    learner = Learner(cfg, train_set, info, device)
-    with _count_steps() as counted:
-        while learner.step < steps:
-            learner.train(None)
-    model = copy.deepcopy(learner.model).to("cpu").float()
-    return model, counted[0], time.perf_counter() - t0
-
-
 def _baseline(
     method: str,
     cfg: Config,
@@ -131,8 +91,8 @@ def _baseline(
     params, macs = count_params_macs(slim, example)
     prune_wall = time.perf_counter() - t0
     t1 = time.perf_counter()
-    with _count_steps() as counted:
-        learner = _finetune(cfg, data, device, slim, start)
+    with count_steps() as counted:
+        learner = finetune(cfg, data, device, slim, start)
     result = learner.evaluate(data[1], None)
     finetune_wall = time.perf_counter() - t1
     return {
@@ -153,21 +113,17 @@ def _baseline(
     }
 
 
-def _random_scores(cfg: Config, units: Units) -> torch.Tensor:
-    return random_scores(units, cfg.seed)
-
-
 def _random_mask(cfg: Config, data, device, *, target: int, params_dense: int) -> dict[str, Any]:
     """A random state with ``target`` parameters, fixed from step 0, trained the whole budget."""
     train_set, test_set, info = data
     t0 = time.perf_counter()
     learner = Learner(cfg, train_set, info, device)  # EDropout's initial weights (same seed)
     units, example = learner.units, learner.example
-    order = prune_order(_random_scores(cfg, units), units)
+    order = prune_order(random_scores(units, cfg.seed), units)
     initial = copy.deepcopy(learner.model).to("cpu").float()
     state, _ = fit_param_count(initial, units, order, example, target)
     del initial
-    with _count_steps() as counted:
+    with count_steps() as counted:
         while learner.step < learner.total_steps:
             learner.train(state)
     _slim, m = measure_pruned(learner, test_set, state)
@@ -193,7 +149,7 @@ def _edropout_run(
     """(report, history, counted steps) of one EDropout run arm into ``out/<its folder>``."""
     folder, changes = _RUN_ARMS[method]
     run_cfg = replace(cfg, **changes)
-    with _count_steps() as counted:
+    with count_steps() as counted:
         report = job.prune(run_cfg, out / folder, overwrite=overwrite, quiet=quiet)
     history = pq.read_table(out / folder / "history.parquet").to_pylist()
     return report, history, counted[0]
@@ -266,7 +222,7 @@ def compare(
     # 1. dense, the baseline every pruned model is measured against
     _say(console, f"compare: dense training ({learner.total_steps} steps)")
     # recorded as the dense baseline too: the EDropout jobs below do not train it again
-    with _count_steps() as dense_counted:
+    with count_steps() as dense_counted:
         dense_eval = job.train_dense(learner, test_set)
     dense_wall = dense_eval["wall_s"]
     example = learner.example
@@ -311,7 +267,7 @@ def compare(
     if baselines:
         if budget == "equal-steps":
             _say(console, f"compare: dense training to step {start} for the pruning baselines")
-            source, source_steps, source_wall = _dense_until(cfg, data, device, start)
+            source, source_steps, source_wall = dense_until(cfg, data, device, start)
         else:
             source, source_steps, source_wall = dense_model, dense_counted[0], dense_wall
         for method in baselines:
