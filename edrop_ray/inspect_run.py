@@ -233,15 +233,15 @@ def export_cli(args: argparse.Namespace) -> int:
         output = run_dir / "export" / f"model{EXPORT_SUFFIX[fmt]}"
     store.check_writable(output.parent, "--output", given=output)
     pruned_path, blob = _pruned_blob(run_dir)
-    output.parent.mkdir(parents=True, exist_ok=True)
     import torch
 
     from .slim import load_pruned
 
-    model = load_pruned(pruned_path)
+    model = load_pruned(pruned_path)  # one that cannot be rebuilt is refused before any write
     x = check_batch(blob)
     with torch.no_grad():
         expected = model(x)
+    output.parent.mkdir(parents=True, exist_ok=True)
     try:
         with _staged(output) as tmp:
             if fmt == "state_dict":
@@ -347,6 +347,12 @@ def evaluate_cli(args: argparse.Namespace) -> int:
     """Top-1/Top-5 of the run's saved slimmed model on the test split of a dataset."""
     run_dir = store.open_run_dir(args.run_dir)
     cfg = run_config(run_dir)
+    if cfg.model.startswith("custom:"):  # edrop_ray.prune() on a network and data in memory
+        raise UserError(
+            f"run {str(run_dir)!r} pruned your own network {cfg.model[7:]!r} from Python; the CLI "
+            "cannot rebuild it: load it with edrop_ray.slim.load_pruned(path, model=<a new "
+            "instance>) and evaluate it in Python"
+        )
     pruned_path, blob = _pruned_blob(run_dir)
     dataset = args.dataset or cfg.dataset
     data_root = args.data_root or cfg.data_root

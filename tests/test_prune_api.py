@@ -321,3 +321,18 @@ def test_import_stays_light():
         "from edrop_ray import prune, PruneResult; assert 'torch' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_the_cli_says_in_one_line_that_it_cannot_rebuild_your_network(
+    example, digits, tmp_path, capsys
+):
+    """export and evaluate of a prune() run folder: one line pointing at load_pruned, exit 2."""
+    from edrop_ray.cli import main
+
+    out = tmp_path / "run"
+    edrop_ray.prune(example.ConcatDepthwiseNet(width=8), *digits, out=out, **QUICK)
+    for verb in ("export", "evaluate"):
+        assert main([verb, str(out)]) == 2, verb
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "ConcatDepthwiseNet" in err[0] and "load_pruned" in err[0], err
+    assert not (out / "export").exists()
