@@ -65,7 +65,7 @@ def head(tmp_path_factory):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, sig)  # our group only: the pid this fixture started
             try:
-                proc.wait(timeout=60)
+                proc.wait(timeout=10)
                 break
             except subprocess.TimeoutExpired:
                 continue
