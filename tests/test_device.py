@@ -175,6 +175,25 @@ def test_the_whole_loop_on_another_device_ends_with_the_cpu_mask(data):
     assert torch.equal(got[0], want[0])
 
 
+def test_probes_on_another_device_match_the_cpu(data):
+    """probe_members: CPU probe states judged by a model on another device, as on the CPU."""
+    train_set, _test, info = data
+    cfg = tiny("epochs=1", "max_generations=2", "probe_members=2")
+
+    def run(device: torch.device) -> list[float]:
+        learner = Learner(cfg, train_set, info, device)
+        learner.total_steps = 4
+        search = Search.from_config(cfg, learner.units.num_units)
+        history: list[dict] = []
+        run_edropout(learner, search, on_generation=history.append)
+        return [r["probe_energy"] for r in history]
+
+    want = run(CPU)
+    with other_device() as dev:
+        got = run(dev)
+    assert len(want) == 2 and got == pytest.approx(want, rel=1e-4)
+
+
 def test_bn_recalibration_on_another_device_matches_the_cpu(data):
     """bn_recalibrate with CPU states and the model on another device: same statistics."""
     train_set, _test, info = data
