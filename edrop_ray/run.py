@@ -68,16 +68,34 @@ class RunSpec:
     on_checkpoint: Callable[[Path, int], None] | None = None
 
 
-def _start_backend(cfg: Config, local: Learner, own: OwnModel | None, counter):
-    """(learner, search, runtime) for the chosen backend; runtime is None in process."""
+def _start_runtime(cfg: Config, local: Learner, own: OwnModel | None, counter):
+    """The Ray runtime, its actors asked for but not waited for (None in process): they boot
+    while the driver trains the dense baseline."""
     if cfg.backend == "local":
-        return local, Search.from_config(cfg, local.units.num_units, counter=counter), None
+        return None
     from .distributed.runner import RayRuntime  # Ray is imported only when asked for
 
-    runtime = RayRuntime(
-        cfg, local.info, local.units.num_units, counter=counter, own=own, train_set=local.train_set
+    return RayRuntime(
+        cfg,
+        local.info,
+        local.units.num_units,
+        counter=counter,
+        own=own,
+        train_set=local.train_set,
+        wait=False,
     )
-    return runtime.learner, runtime.search, runtime
+
+
+def _restore(checkpoint, learner, search) -> tuple[list, list, float]:
+    """(history, population snapshots, wall seconds so far): a checkpoint's, loaded into
+    ``learner`` and ``search``, or a new run's (the initial population as snapshot 0)."""
+    if checkpoint is None:
+        p = search.population
+        return [], store.snapshot_rows(0, p.states, p.energies), 0.0
+    learner.load_state_dict(checkpoint["learner"])
+    search.load_state_dict(checkpoint["search"])
+    history, snapshots = list(checkpoint["history"]), list(checkpoint["snapshots"])
+    return history, snapshots, float(checkpoint["wall_s"])
 
 
 def execute(spec: RunSpec) -> RunOutcome:
@@ -95,73 +113,78 @@ def execute(spec: RunSpec) -> RunOutcome:
     # before the dense baseline trains (the learner seeds its own weights, so order is moot).
     local = new_learner(cfg, train_set, info, spec.device, own)
     counter = counter_for(cfg, local.model, local.units, local.example)
-    if spec.dense:
-        dense = dense_baseline(cfg, spec.data, spec.device, own)
-    else:
-        dense = {"top1": None, "top5": None}
-    learner, search, runtime = _start_backend(cfg, local, own, counter)
-    history: list[dict[str, Any]] = []
-    snapshots: list[dict[str, Any]] = []
-    wall_before = 0.0
-    checkpoint = spec.checkpoint
-    if checkpoint is not None:
-        learner.load_state_dict(checkpoint["learner"])
-        search.load_state_dict(checkpoint["search"])
-        history = list(checkpoint["history"])
-        snapshots = list(checkpoint["snapshots"])
-        wall_before = float(checkpoint["wall_s"])
-    else:
-        snapshots += store.snapshot_rows(0, search.population.states, search.population.energies)
-
-    def save() -> None:
-        store.write_history(run_dir / "history.parquet", history)
-        store.write_population(run_dir / "population.parquet", snapshots)
-        store.save_checkpoint(
-            run_dir,
-            {
-                "format": store.CHECKPOINT_FORMAT,
-                "streams": STREAMS_VERSION,  # the random streams the run draws from
-                "config": config_to_dict(cfg),
-                "learner": learner.state_dict(),
-                "search": search.state_dict(),
-                "history": history,
-                "snapshots": snapshots,
-                "wall_s": wall_before + time.perf_counter() - t0,
-            },
-        )
-        if spec.on_checkpoint is not None:
-            spec.on_checkpoint(run_dir, learner.step)
-
-    progress = Progress(total=learner.total_steps, start=learner.step, quiet=spec.quiet)
-    if runtime is not None and not spec.quiet:  # the header: how the weights travel
-        progress.console.print(runtime.transport_line, highlight=False)
-    t_run = time.perf_counter()
-
-    def on_generation(record: dict[str, Any]) -> None:
-        record["seconds"] = time.perf_counter() - t_run
-        history.append(record)
-        g = record["generation"]
-        if cfg.snapshot_every and (g % cfg.snapshot_every == 0 or record["frozen"]):
-            p = search.population
-            snapshots.extend(store.snapshot_rows(g, p.states, p.energies))
-        progress.generation(record, learner.step)
-        if spec.on_generation is not None:
-            spec.on_generation(record)
-
+    # On Ray the actors are asked for now and start while the dense baseline trains; whatever
+    # fails from here on (Ctrl-C included) kills them in the `finally` below.
+    runtime = _start_runtime(cfg, local, own, counter)
+    timings: dict[str, float] = {}  # seconds per phase of this process (report.json)
     try:
+        t = time.perf_counter()
+        if spec.dense:
+            dense = dense_baseline(cfg, spec.data, spec.device, own)
+        else:
+            dense = {"top1": None, "top5": None}
+        timings["dense_s"] = time.perf_counter() - t
+        if runtime is None:
+            learner = local
+            search = Search.from_config(cfg, local.units.num_units, counter=counter)
+        else:
+            runtime.wait_ready()
+            learner, search = runtime.learner, runtime.search
+            timings.update(runtime.timings)
+        history, snapshots, wall_before = _restore(spec.checkpoint, learner, search)
+
+        def save() -> None:
+            store.write_history(run_dir / "history.parquet", history)
+            store.write_population(run_dir / "population.parquet", snapshots)
+            store.save_checkpoint(
+                run_dir,
+                {
+                    "format": store.CHECKPOINT_FORMAT,
+                    "streams": STREAMS_VERSION,  # the random streams the run draws from
+                    "config": config_to_dict(cfg),
+                    "learner": learner.state_dict(),
+                    "search": search.state_dict(),
+                    "history": history,
+                    "snapshots": snapshots,
+                    "wall_s": wall_before + time.perf_counter() - t0,
+                },
+            )
+            if spec.on_checkpoint is not None:
+                spec.on_checkpoint(run_dir, learner.step)
+
+        progress = Progress(total=learner.total_steps, start=learner.step, quiet=spec.quiet)
+        if runtime is not None and not spec.quiet:  # the header: how the weights travel
+            progress.console.print(runtime.transport_line, highlight=False)
+        t_run = time.perf_counter()
+
+        def on_generation(record: dict[str, Any]) -> None:
+            record["seconds"] = time.perf_counter() - t_run
+            history.append(record)
+            g = record["generation"]
+            if cfg.snapshot_every and (g % cfg.snapshot_every == 0 or record["frozen"]):
+                p = search.population
+                snapshots.extend(store.snapshot_rows(g, p.states, p.energies))
+            progress.generation(record, learner.step)
+            if spec.on_generation is not None:
+                spec.on_generation(record)
+
         guard = runtime.guard(str(run_dir)) if runtime is not None else contextlib.nullcontext()
         with progress, guard:
             run_edropout(learner, search, on_generation=on_generation, on_checkpoint=save)
+        timings["search_s"] = time.perf_counter() - t_run
         if runtime is not None:
             learner = runtime.learner.to_local(local)
     finally:
         if runtime is not None:
             runtime.shutdown()
+    t = time.perf_counter()
     slim, m, report = finish_run(
         cfg, run_dir, learner, search, test_set, dense, history, snapshots, own=own
     )
     report["wall_s"] = wall_before + time.perf_counter() - t0
     report["weights_transport"] = runtime.transport_name if runtime is not None else "in process"
+    timings["finish_s"] = time.perf_counter() - t
+    report["timings"] = timings
     store.write_json(run_dir / "report.json", report)
     (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete: report.json is
     if not spec.quiet:

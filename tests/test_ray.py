@@ -249,3 +249,39 @@ def test_pool_reruns_the_items_of_a_dead_evaluator_and_keeps_their_order(cluster
     assert failed == [1] and error is not None and pool.num_healthy() == 2
     pool.probe()  # killed for good: stays out
     assert pool.live == [True, False, True]
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, RuntimeError])
+def test_a_failure_while_the_actors_start_kills_them(cluster, tmp_path, monkeypatch, failure):
+    """The actors are asked for before the dense baseline trains and boot meanwhile; Ctrl-C or
+    an error during the dense training still kills every one of them, and the run folder is
+    cleaned up as before."""
+    from ray.exceptions import RayActorError
+
+    from edrop_ray.distributed import runner
+    from edrop_ray.errors import RunInterrupted
+
+    runtimes = []
+    start = runner.RayRuntime.__init__
+
+    def keep(self, *args, **kwargs):
+        start(self, *args, **kwargs)
+        runtimes.append(self)
+
+    def dense_fails(*_args, **_kwargs):
+        # every actor was asked for, and none waited for
+        assert runtimes and runtimes[0].coordinator is not None and not runtimes[0]._ready
+        raise failure("stopped while the dense baseline trained")
+
+    monkeypatch.setattr(runner.RayRuntime, "__init__", keep)
+    monkeypatch.setattr(job, "dense_baseline", dense_fails)
+    expected = RunInterrupted if failure is KeyboardInterrupt else failure
+    with pytest.raises(expected):
+        job.prune(load_config(TINY, [*SAME, "backend=ray"]), tmp_path / "run", quiet=True)
+    (runtime,) = runtimes
+    calls = [e.identity.remote() for e in runtime.evaluators]
+    calls += [runtime.trainer.info.remote(), runtime.coordinator.stats.remote()]
+    for call in calls:
+        with pytest.raises(RayActorError):
+            ray.get(call, timeout=60)
+    assert not (tmp_path / "run").exists()

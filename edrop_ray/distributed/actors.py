@@ -211,6 +211,11 @@ class Coordinator:
         self.sync_log: deque[dict[str, float]] = deque(maxlen=1000)
         self.timings: deque[dict[str, Any]] = deque(maxlen=1000)
 
+    def set_transport(self, transport: tuple[str, str]) -> None:
+        """(transport, backend), chosen once every rank has said where it landed: the runtime
+        learns that only after it asked for the coordinator beside the other actors."""
+        self.transport, self.backend = transport
+
     def generation(
         self, batch: list[ray.ObjectRef], weights: list[ray.ObjectRef] | None, version: int
     ) -> dict[str, Any]:

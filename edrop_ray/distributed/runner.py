@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -74,10 +75,18 @@ def plan_resources(cfg: Config, cluster: dict[str, float]) -> tuple[int, float, 
 class RayRuntime:
     """The actors of one run, placed on the cluster.
 
+    Starting is two-phase, so that the actors' start-up (a Python process each, importing torch,
+    building the model, initialising CUDA) overlaps the driver's other work, the dense baseline
+    above all: the constructor starts Ray (when it is not running) and *asks* for the placement
+    group, the evaluators, the trainer and the coordinator, waiting for none of them;
+    :meth:`wait_ready` waits for them and chooses how the weights travel. Whatever fails on the
+    way, or a Ctrl-C, kills the actors started so far (:meth:`shutdown` is safe to repeat).
+
     own, train_set: a user's own network (:class:`~edrop_ray.learner.OwnModel`: the module, pickled
     with its weights, and its example inputs) and training set, put in the object store once
     and built by every actor from there; without them the actors build ``cfg.model`` and load
-    ``cfg.dataset`` themselves.
+    ``cfg.dataset`` themselves. ``timings`` holds the seconds of each start-up phase
+    (``ray_init_s``, ``submit_s``, ``ready_wait_s``: what :meth:`wait_ready` still waited).
     """
 
     def __init__(
@@ -89,9 +98,31 @@ class RayRuntime:
         counter=None,
         own=None,
         train_set=None,
+        wait: bool = True,
     ):
         self.cfg = cfg
+        self.num_units = num_units
+        self.evaluators: list = []
+        self.trainer = self.coordinator = self.pg = None
+        self.started_ray = False
+        self._stopped = self._ready = False
+        self.timings: dict[str, float] = {}
+        t0 = time.perf_counter()
         self.started_ray = connect(cfg)
+        t1 = time.perf_counter()
+        self.timings["ray_init_s"] = t1 - t0
+        try:
+            self._submit(info, counter, own, train_set)
+            self.timings["submit_s"] = time.perf_counter() - t1
+            if wait:
+                self.wait_ready()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _submit(self, info: DataInfo, counter, own, train_set) -> None:
+        """Ask for the placement group and every actor; wait for none of them."""
+        cfg = self.cfg
         own_ref = data_ref = None
         if own is not None:  # one copy in the object store, read by every actor
             own_ref, data_ref = ray.put(own), ray.put((train_set, info))
@@ -111,15 +142,9 @@ class RayRuntime:
         bundle = {"CPU": cfg.cpus_per_evaluator}
         if per_eval > 0:
             bundle["GPU"] = per_eval
+        self._bundle = bundle
         self.pg = placement_group([dict(bundle) for _ in range(n)], strategy=cfg.placement_strategy)
-        ready, _ = ray.wait([self.pg.ready()], timeout=cfg.generation_timeout_s)
-        if not ready:
-            remove_placement_group(self.pg)
-            raise UserError(
-                f"the cluster cannot place {n} evaluators of {bundle} with "
-                f"{cfg.placement_strategy}; available: {ray.available_resources()}; "
-                "lower --set num_evaluators or change placement_strategy"
-            )
+        # The evaluators wait in Ray's queue for their bundles; wait_ready() bounds that wait.
         self.evaluators = [
             ray.remote(Evaluator)
             .options(
@@ -139,40 +164,59 @@ class RayRuntime:
             .options(num_cpus=trainer_cpus, num_gpus=trainer_gpus, max_restarts=0)
             .remote(cfg, trainer_cpus, own_ref, data_ref)
         )
+        # The coordinator holds nothing larger than the population and reserves no resources;
+        # it lives on the driver's node, so that losing a worker node never takes it along.
+        # Its transport is set by wait_ready(), once the ranks have said where they landed.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.coordinator = (
+            ray.remote(Coordinator)
+            .options(num_cpus=0, scheduling_strategy=here)
+            .remote(cfg, self.num_units, self.evaluators, self.trainer, counter=counter)
+        )
+
+    def wait_ready(self) -> None:
+        """Wait until every actor has started; choose the weights' transport. Raises UserError
+        (with the actors killed) when the cluster cannot place them or one fails to start."""
+        if self._ready:
+            return
+        t0 = time.perf_counter()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.shutdown()
+            raise
+        self.timings["ready_wait_s"] = time.perf_counter() - t0
+        self._ready = True
+
+    def _wait_ready(self) -> None:
+        cfg, n = self.cfg, len(self.evaluators)
+        ready, _ = ray.wait([self.pg.ready()], timeout=cfg.generation_timeout_s)
+        if not ready:
+            raise UserError(
+                f"the cluster cannot place {n} evaluators of {self._bundle} with "
+                f"{cfg.placement_strategy}; available: {ray.available_resources()}; "
+                "lower --set num_evaluators or change placement_strategy"
+            )
         # How the weights travel depends on where the ranks landed (trainer first).
         ranks = ray.get(
             [self.trainer.identity.remote()] + [e.identity.remote() for e in self.evaluators],
             timeout=_CONTROL_TIMEOUT_S,
         )
         self.trainer_identity = ranks[0]
-        try:
-            self.transport, backend, why = choose_transport(cfg.weights_transport, ranks)
-        except UserError:
-            self.coordinator = None
-            self.shutdown()
-            raise
+        self.transport, backend, why = choose_transport(cfg.weights_transport, ranks)
         self.transport_name = self.transport + (
             f" ({backend}, {cfg.weights_dtype})" if backend else ""
         )
         self.transport_line = f"ray: {n} evaluators; weights by {self.transport_name}: {why}"
-        # The coordinator holds nothing larger than the population and reserves no resources;
-        # it lives on the driver's node, so that losing a worker node never takes it along.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.coordinator = (
-            ray.remote(Coordinator)
-            .options(num_cpus=0, scheduling_strategy=here)
-            .remote(
-                cfg,
-                num_units,
-                self.evaluators,
-                self.trainer,
-                (self.transport, backend),
-                counter=counter,
-            )
+        info, _ = ray.get(
+            [
+                self.trainer.info.remote(),
+                self.coordinator.set_transport.remote((self.transport, backend)),
+            ],
+            timeout=_CONTROL_TIMEOUT_S,
         )
-        total = ray.get(self.trainer.info.remote(), timeout=_CONTROL_TIMEOUT_S)["total_steps"]
-        self.learner = RemoteLearner(cfg, self.trainer, total, self.transport)
-        self.search = RemoteSearch(cfg, self.coordinator, num_units)
+        self.learner = RemoteLearner(cfg, self.trainer, info["total_steps"], self.transport)
+        self.search = RemoteSearch(cfg, self.coordinator, self.num_units)
 
     @contextmanager
     def guard(self, run_dir: str) -> Iterator[None]:
@@ -191,12 +235,20 @@ class RayRuntime:
         return ray.get([e.identity.remote() for e in self.evaluators], timeout=_CONTROL_TIMEOUT_S)
 
     def shutdown(self) -> None:
-        for actor in (*self.evaluators, self.trainer, self.coordinator):
-            if actor is not None:
-                ray.kill(actor, no_restart=True)
-        remove_placement_group(self.pg)
-        if self.started_ray:
-            ray.shutdown()
+        """Kill every actor asked for, remove the placement group and stop a Ray this runtime
+        started. Safe to call more than once, and after a failed start."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            for actor in (*self.evaluators, self.trainer, self.coordinator):
+                if actor is not None:
+                    ray.kill(actor, no_restart=True)
+            if self.pg is not None:
+                remove_placement_group(self.pg)
+        finally:
+            if self.started_ray:
+                ray.shutdown()
 
 
 class RemoteLearner:
