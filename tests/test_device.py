@@ -229,7 +229,7 @@ def test_the_actors_code_runs_on_another_device(data, monkeypatch):
         assert batch[0].device == CPU
         evaluator.model.load_state_dict(trainer.weights())
         packed = pack_states(states)  # states travel bit-packed
-        shard, energies, _seconds = evaluator.evaluate(3, packed, batch, [None], evaluator.version)
+        shard, energies, *_seconds = evaluator.evaluate(3, packed, batch, [None], evaluator.version)
         want = trainer.learner.energies(states, *trainer.learner.to_device(*batch))
         loss = trainer.train(states[0])
     assert shard == 3 and energies.device == CPU

@@ -150,23 +150,29 @@ class Evaluator:
         batch: tuple[torch.Tensor, torch.Tensor],
         weights: list[ray.ObjectRef] | None,
         version: int,
-    ) -> tuple[int, torch.Tensor, float]:
+        epoch: int | None = None,
+    ) -> tuple[int, torch.Tensor, float, float]:
         """Energies of the bit-packed ``packed`` states -> (shard, (n,) float, seconds spent
-        computing them).
+        computing them, seconds spent receiving new weights).
 
         ``weights`` is a one-element list with the object-store reference (Ray hands it over
         unresolved: the weights are fetched only when their version changed, after a restart
-        too), or None with the collective transport: the weights of ``version`` must have
-        arrived by broadcast.
+        too), or None with the collective transport: then the weights of ``version`` have
+        arrived by broadcast, or, with ``epoch`` (the group's), are received first, from the
+        broadcast the trainer sends in the same round (one call per generation, not two).
         """
+        t0 = time.perf_counter()
         if version != self.version:
-            if weights is None:
+            if weights is not None:
+                self.model.load_state_dict(ray.get(weights[0]))
+                self.version = version
+            elif epoch is not None:
+                self.receive(version, epoch)
+            else:
                 raise RuntimeError(
                     f"evaluator {self.index} holds weights {self.version}, not {version}"
                 )
-            self.model.load_state_dict(ray.get(weights[0]))
-            self.version = version
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
         states = unpack_states(packed, self.units.num_units)
         x, y = batch
         x = x.to(self.device).contiguous(memory_format=self.memory_format)
@@ -180,7 +186,7 @@ class Evaluator:
             sparsity_lambda=self.cfg.sparsity_lambda,
             amp=self.cfg.amp,
         )
-        return shard, energies, time.perf_counter() - t0
+        return shard, energies, time.perf_counter() - t1, t1 - t0
 
 
 class Coordinator:
@@ -206,6 +212,7 @@ class Coordinator:
         self.members: list[int] | None = None  # evaluators in the current group, by index
         self.epoch = -1  # the group's formation number
         self.regroups = 0
+        self.one_round = 0  # generations whose weights went out in the judging round
         self.synced = -1  # the weights version every member holds
         # the trainer's side of each broadcast, and where each generation's time went
         self.sync_log: deque[dict[str, float]] = deque(maxlen=1000)
@@ -221,18 +228,24 @@ class Coordinator:
     ) -> dict[str, Any]:
         """Propose, evaluate across evaluators, select; return the record and the new state."""
         t0 = time.perf_counter()
-        if self.transport == "collective":
-            self._sync(version)
-        t1 = time.perf_counter()
         candidates = self.search.propose()
-        t2 = time.perf_counter()
+        t1 = time.perf_counter()
         self._compute: list[float] = []
-        energies = self._evaluate(candidates, batch[0], weights, version)
+        self._receive: list[float] = []
+        energies = None
+        if self.transport == "collective":
+            energies = self._judge_in_one_round(candidates, batch[0], version)
+            if energies is None:  # not possible, or a rank failed: sync, then judge
+                self._sync(version)
+        t2 = time.perf_counter()
+        if energies is None:
+            energies = self._evaluate(candidates, batch[0], weights, version)
         t3 = time.perf_counter()
         record = self.search.select(energies)
         self.timings.append(
-            {"sync_s": t1 - t0, "propose_s": t2 - t1, "evaluate_s": t3 - t2,
-             "compute_s": self._compute, "select_s": time.perf_counter() - t3}
+            {"propose_s": t1 - t0, "sync_s": t2 - t1, "evaluate_s": t3 - t1,
+             "compute_s": self._compute, "receive_s": self._receive,
+             "select_s": time.perf_counter() - t3}
         )  # fmt: skip
         p = self.search.population
         record["evaluators"] = self.pool.num_healthy()
@@ -307,6 +320,43 @@ class Coordinator:
             self._sync(version)
         return self.stats()
 
+    def _judge_in_one_round(self, candidates, batch_ref, version: int) -> torch.Tensor | None:
+        """New weights and the generation's shards in one round of calls: the trainer
+        broadcasts weights ``version`` while each member receives them and judges its shard.
+
+        Only in the steady state: the group is formed from the live evaluators, each gets a
+        shard, and ``version`` is new. Returns None when that does not hold or when any rank
+        failed (the failed ones marked dead, the group to be re-formed); the caller then
+        syncs and judges in two rounds, re-running every shard, so the energies are the same.
+        """
+        want = self.pool.healthy()
+        n = candidates.shape[0]
+        if self.synced == version or want != self.members or n < len(want):
+            return None
+        shards = [pack_states(s) for s in torch.tensor_split(candidates, len(want))]
+        trainer = self.trainer.publish.remote(version, self.epoch)
+        results: dict[int, Any] = {}
+        k = {i: j for j, i in enumerate(want)}
+        failed, error = self.pool.foreach(
+            lambda i, ev: ev.evaluate.remote(
+                k[i], shards[k[i]], batch_ref, None, version, self.epoch
+            ),
+            want,
+            others={trainer: -1},
+            results=results,
+        )
+        if failed or error is not None or len(results) != len(want):
+            self.lost_in_sync += len(failed)
+            self.members = None  # a broadcast failed: the group is re-formed
+            return None
+        self.synced = version
+        self.one_round += 1
+        self.sync_log.append(ray.get(trainer, timeout=self.pool.timeout_s))
+        ordered = sorted(results.values(), key=lambda r: r[0])
+        self._compute = [r[2] for r in ordered]
+        self._receive = [r[3] for r in ordered]
+        return torch.cat([r[1] for r in ordered])
+
     def _evaluate(self, candidates, batch_ref, weights, version) -> torch.Tensor:
         # never more shards than candidates: an evaluator with nothing to judge is left idle
         n = min(len(self.pool.healthy()), candidates.shape[0])
@@ -314,12 +364,15 @@ class Coordinator:
         results = self.pool.map(
             lambda ev, k: ev.evaluate.remote(k, shards[k], batch_ref, weights, version), n
         )
-        self._compute = [seconds for _k, _energies, seconds in results]
-        return torch.cat([energies for _k, energies, _seconds in results])
+        self._compute = [r[2] for r in results]
+        self._receive = [r[3] for r in results]
+        return torch.cat([r[1] for r in results])
 
     def timing_log(self) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
-        """Per generation: seconds in weight sync, propose, evaluate (wall), each shard's
-        compute, select; and the trainer's side of each broadcast (bytes, pack, broadcast)."""
+        """Per generation: seconds in propose, in a separate weight sync (0 when the weights
+        went out in the judging round), evaluate (wall, that round included), each shard's
+        compute and weight receive, select; and the trainer's side of each broadcast (bytes,
+        pack, broadcast)."""
         return [dict(t) for t in self.timings], [dict(t) for t in self.sync_log]
 
     def live_evaluators(self) -> int:
@@ -331,6 +384,7 @@ class Coordinator:
             "reruns": self.pool.reruns,
             "lost_in_sync": self.lost_in_sync,
             "regroups": self.regroups,
+            "one_round": self.one_round,
             "members": list(self.members or []),
         }
 

@@ -63,13 +63,14 @@ class EvaluatorPool:
         call: Callable[[int, Any], ray.ObjectRef],
         indices: Sequence[int],
         others: dict[ray.ObjectRef, int] | None = None,
+        results: dict[int, Any] | None = None,
     ) -> tuple[list[int], Exception | None]:
         """``call(i, actor)`` on evaluators ``indices``, all waited for together with the calls
         ``others`` (ref -> -1: not an evaluator, e.g. the trainer's side of a collective).
 
         Returns the evaluators that failed or hung (marked dead) and the first error seen (also
-        one a rank got because *another* rank died). Raises
-        InputsLost when a non-evaluator's actor is gone.
+        one a rank got because *another* rank died); ``results``, when given, receives each
+        evaluator's answer by index. Raises InputsLost when a non-evaluator's actor is gone.
         """
         refs = dict(others or {})
         for i in indices:
@@ -85,7 +86,9 @@ class EvaluatorPool:
                     failed.append(who)
                 continue
             try:
-                ray.get(ref, timeout=self.timeout_s)
+                value = ray.get(ref, timeout=self.timeout_s)
+                if results is not None and who >= 0:
+                    results[who] = value
             except RayActorError as e:
                 if who < 0:
                     raise InputsLost(f"the trainer is gone: {e}") from e
