@@ -7,11 +7,12 @@ digits), at fixed S (strong: ``--S``) and fixed S per evaluator (weak: ``--S-per
 per generation (medians after a warm-up):
 
 - trainer step (the driver's round trip to the trainer actor);
-- weight sync: bytes and seconds (the coordinator's wall time for publish + receive);
+- weight sync: bytes and seconds (the coordinator's wall time for publish + receive, or, when
+  the weights go out in the judging round, the slowest receiver's time in the broadcast);
 - batch and states: their bytes; their time is inside "control" below;
 - energy compute per evaluator (inside the evaluator, max and mean over shards);
-- gather and selection: propose + (evaluate wall - slowest compute) + select + the driver's
-  round trip to the coordinator, together "control";
+- gather and selection: propose + (evaluate wall - slowest shard's receive + compute) + select
+  + the driver's round trip to the coordinator, together "control";
 - idle: the fraction of a cycle (generation + training step) an evaluator is not computing.
 
 Also MEASURED: the gloo broadcast of the ResNet-50 32 px buffer (``--target-model``) between
@@ -131,7 +132,12 @@ def measure_run(n: int, s: int, args) -> dict[str, float]:
     tm = timings[w]
     comp_max = [max(t["compute_s"]) for t in tm]
     comp_mean = [statistics.mean(t["compute_s"]) for t in tm]
-    control = [g - t["sync_s"] - cmax for g, t, cmax in zip(gens[w], tm, comp_max, strict=True)]
+    # the weights' sync: a round of its own (sync_s), or inside the judging round, where the
+    # slowest receiver's wait for the broadcast is it (receive_s)
+    sync = [t["sync_s"] + max(t.get("receive_s") or [0.0]) for t in tm]
+    busy = [max(r + c for r, c in zip(t.get("receive_s") or [0.0] * len(t["compute_s"]),
+                                      t["compute_s"], strict=True)) for t in tm]  # fmt: skip
+    control = [g - t["sync_s"] - b for g, t, b in zip(gens[w], tm, busy, strict=True)]
     med = statistics.median
     states_bytes = 2 * s * math.ceil(units.num_units / 8)
     batch_bytes = (
@@ -142,7 +148,7 @@ def measure_run(n: int, s: int, args) -> dict[str, float]:
         "S": s,
         "cycle_s": med(cycles[w]),
         "train_s": med(trains[w]),
-        "sync_s": med(t["sync_s"] for t in tm),
+        "sync_s": med(sync),
         "sync_bytes": syncs[-1]["bytes"],
         "broadcast_s": med(x["broadcast_s"] for x in syncs[1:] or syncs),
         "compute_max_s": med(comp_max),
