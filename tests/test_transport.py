@@ -162,3 +162,36 @@ def test_choose_transport():
         choose_transport("collective", shared)
     mixed = [_rank("cpu"), _rank("cuda", "a", ("0",))]
     assert choose_transport("auto", mixed)[0] == "object_store"
+
+
+def test_the_trainer_stages_the_weights_a_step_moves_past():
+    """With pipeline the trainer's step t may run while weights t are broadcast: the step
+    stages W_t in the send buffer first, a publish of t then sends exactly W_t, and no version
+    can be staged from weights that are not that step's (or mid-step)."""
+    from pathlib import Path
+
+    from edrop_ray.config import load_config
+    from edrop_ray.distributed.actors import Trainer
+
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "tiny.yaml", ["cpu_threads=1"])
+    trainer = Trainer(cfg, 1.0)
+    state = torch.ones(trainer.learner.units.num_units, dtype=torch.bool)
+    trainer.train(state)  # step 0 -> 1, nothing staged
+    before = FlatWeights(trainer.learner.model, device=torch.device("cpu"), dtype=torch.float32)
+    before.pack()  # W_1
+    trainer.train(state, stage=1)  # stages W_1, then steps to 2
+    staged = trainer.member.home.flat.clone()
+    assert torch.equal(staged, before.flat)
+    after = FlatWeights(trainer.learner.model, device=torch.device("cpu"), dtype=torch.float32)
+    after.pack()
+    assert not torch.equal(after.flat, before.flat)  # the step changed the model, not the buffer
+    trainer._stage(1)  # staged already: a re-formed group gets W_1 again, untouched
+    assert torch.equal(trainer.member.home.flat, staged)
+    with pytest.raises(RuntimeError, match="weights 3 asked for at step 2"):
+        trainer._stage(3)
+    trainer._stepping = True  # a step under way: its weights cannot be staged
+    with pytest.raises(RuntimeError, match="weights 2 asked for"):
+        trainer._stage(2)
+    trainer._stepping = False
+    trainer._stage(2)
+    assert torch.equal(trainer.member.home.flat, after.flat)

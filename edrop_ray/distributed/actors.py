@@ -14,6 +14,7 @@ resources and placement of the run.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -32,7 +33,10 @@ from ..search import Search
 from .pool import EvaluatorPool, InputsLost
 from .transport import GroupMember, free_address, rank_identity
 
-__all__ = ["Trainer", "Evaluator", "Coordinator", "InputsLost"]
+__all__ = ["Trainer", "Evaluator", "Coordinator", "InputsLost", "CONCURRENCY_GROUPS"]
+
+# The trainer's threads: its process-group calls run beside its training steps.
+CONCURRENCY_GROUPS = {"comm": 1}
 
 
 class Trainer:
@@ -40,6 +44,13 @@ class Trainer:
 
     own, data: a user's own network (:class:`~edrop_ray.learner.OwnModel`) and its
     ``(train_set, info)``, shipped once through the object store; else both come from ``cfg``.
+
+    The process-group calls (``group_address``, ``join_group``, ``publish``) run in their own
+    thread (the ``comm`` concurrency group, :data:`CONCURRENCY_GROUPS`), so a broadcast can go
+    out while a training step runs. What a broadcast sends is *staged*: copied from the model
+    into the send buffer under a lock, at the step it is for, either by ``publish`` itself or
+    by the training step about to move past it (``train(state, stage=t)``); a step never
+    changes a staged buffer, and a version can never be staged from weights mid-step.
     """
 
     def __init__(self, cfg: Config, cpus: float, own=None, data=None):
@@ -52,7 +63,10 @@ class Trainer:
             train_set, info = data
             self.learner = own.learner(cfg, train_set, info, worker_device(cfg.device))
         self.member: GroupMember | None = None
-        self._packed = -1  # the weights version in the broadcast buffer
+        self._lock = threading.Lock()  # the model between a training step and a staging
+        self._stepping = False
+        self._staged = -1  # the weights version in the send buffer
+        self._stage_s = 0.0
 
     def info(self) -> dict[str, Any]:
         return {"total_steps": self.learner.total_steps, "step": self.learner.step}
@@ -60,8 +74,18 @@ class Trainer:
     def identity(self) -> dict[str, Any]:
         return {"index": -1, **rank_identity(self.learner.device)}
 
-    def train(self, state: torch.Tensor) -> float:
-        return self.learner.train(state)
+    def train(self, state: torch.Tensor, stage: int | None = None) -> float:
+        """One masked step with ``state``; with ``stage`` (the current step), first stage the
+        weights of that version for a broadcast that may go out while the step runs."""
+        with self._lock:
+            if stage is not None:
+                self._stage(stage)
+            self._stepping = True
+        try:
+            return self.learner.train(state)
+        finally:
+            with self._lock:
+                self._stepping = False
 
     def energy_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next generation's batch (CPU tensors); returned through the object store."""
@@ -72,38 +96,57 @@ class Trainer:
         return {k: v.detach().cpu() for k, v in self.learner.model.state_dict().items()}
 
     # --- the collective transport (rank 0)
-    def group_address(self) -> tuple[str, int]:
-        return free_address()
-
-    def join_group(self, address, rank, world_size, backend, timeout_s, epoch) -> int:
-        if self.member is None:
+    def _member(self) -> GroupMember:
+        if self.member is None:  # the send buffer, in the wire dtype
             self.member = GroupMember(
                 self.learner.model, self.learner.device, self.cfg.weights_dtype, bind=False
             )
-        return self.member.join(address, rank, world_size, backend, timeout_s, epoch)
+        return self.member
 
+    def _stage(self, version: int) -> None:
+        """Copy weights ``version`` into the send buffer (the lock held); a no-op when they are
+        there already."""
+        if version == self._staged:
+            return
+        if version != self.learner.step or self._stepping:
+            raise RuntimeError(f"weights {version} asked for at step {self.learner.step}")
+        t0 = time.perf_counter()
+        self._member().home.pack()
+        self._staged = version
+        self._stage_s = time.perf_counter() - t0
+
+    @ray.method(concurrency_group="comm")
+    def group_address(self) -> tuple[str, int]:
+        return free_address()
+
+    @ray.method(concurrency_group="comm")
+    def join_group(self, address, rank, world_size, backend, timeout_s, epoch) -> int:
+        with self._lock:
+            member = self._member()
+        return member.join(address, rank, world_size, backend, timeout_s, epoch)
+
+    @ray.method(concurrency_group="comm")
     def publish(self, version: int, epoch: int) -> dict[str, float]:
         """Broadcast weights ``version`` (the step they were taken at) to the group.
 
-        A new version is packed from the model, which must be at that step; the same version
-        again (a re-formed group) re-sends the packed buffer, so a late joiner gets exactly
-        the weights the others judge with.
+        The version is staged first unless a training step already staged it; the same
+        version again (a re-formed group) re-sends the staged buffer, so a late joiner gets
+        exactly the weights the others judge with.
         """
-        if self.member is None:
-            raise RuntimeError("the trainer is in no group")
-        new = version != self._packed
-        if new and version != self.learner.step:
-            raise RuntimeError(f"weights {version} asked for at step {self.learner.step}")
-        out = self.member.publish(version, epoch, pack=new)
-        self._packed = version
+        with self._lock:
+            self._stage(version)
+            member = self._member()
+        out = member.publish(version, epoch, pack=False)
+        out["pack_s"] = self._stage_s
         return out
 
     def state_dict(self) -> dict[str, Any]:
         return self.learner.state_dict()
 
     def load_state_dict(self, sd: dict[str, Any]) -> int:
-        self.learner.load_state_dict(sd)
-        self._packed = -1
+        with self._lock:
+            self.learner.load_state_dict(sd)
+            self._staged = -1
         return self.learner.step
 
 
@@ -232,18 +275,19 @@ class Coordinator:
         t1 = time.perf_counter()
         self._compute: list[float] = []
         self._receive: list[float] = []
-        energies = None
+        energies, sync_s = None, 0.0
         if self.transport == "collective":
             energies = self._judge_in_one_round(candidates, batch[0], version)
-            if energies is None:  # not possible, or a rank failed: sync, then judge
-                self._sync(version)
-        t2 = time.perf_counter()
         if energies is None:
+            if self.transport == "collective":  # not possible, or a rank failed: sync first
+                t = time.perf_counter()
+                self._sync(version)
+                sync_s = time.perf_counter() - t
             energies = self._evaluate(candidates, batch[0], weights, version)
         t3 = time.perf_counter()
         record = self.search.select(energies)
         self.timings.append(
-            {"propose_s": t1 - t0, "sync_s": t2 - t1, "evaluate_s": t3 - t1,
+            {"propose_s": t1 - t0, "sync_s": sync_s, "evaluate_s": t3 - t1 - sync_s,
              "compute_s": self._compute, "receive_s": self._receive,
              "select_s": time.perf_counter() - t3}
         )  # fmt: skip
@@ -301,12 +345,6 @@ class Coordinator:
             self.lost_in_sync += len(failed)
             self.members = None  # a broadcast failed: the group is re-formed
         raise RuntimeError(f"no evaluator could receive weights {version}: {error!r}")
-
-    def sync(self, version: int) -> None:
-        """Every live evaluator holds weights ``version`` when this returns (a no-op without
-        the collective transport). The pipelined driver syncs before the trainer steps."""
-        if self.transport == "collective":
-            self._sync(version)
 
     def rejoin(self, version: int, timeout_s: float) -> dict[str, int]:
         """Wait up to ``timeout_s`` for evaluators marked dead to come back, then send them

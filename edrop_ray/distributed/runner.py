@@ -28,7 +28,7 @@ from ..config import Config
 from ..data import DataInfo
 from ..errors import UserError
 from ..learner import Learner
-from .actors import Coordinator, Evaluator, InputsLost, Trainer
+from .actors import CONCURRENCY_GROUPS, Coordinator, Evaluator, InputsLost, Trainer
 from .transport import choose_transport
 
 __all__ = ["RayRuntime", "RemoteLearner", "RemoteSearch", "connect", "plan_resources"]
@@ -160,7 +160,7 @@ class RayRuntime:
             for i in range(n)
         ]
         self.trainer = (
-            ray.remote(Trainer)
+            ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Trainer)
             .options(num_cpus=trainer_cpus, num_gpus=trainer_gpus, max_restarts=0)
             .remote(cfg, trainer_cpus, own_ref, data_ref)
         )
@@ -277,11 +277,13 @@ class RemoteLearner:
             self._weights_step = self.step
         return self._weights, self._weights_step
 
-    def start_train(self, state: torch.Tensor) -> None:
-        """Submit the next step with ``state`` now (pipeline); :meth:`train` collects it."""
+    def start_train(self, state: torch.Tensor, stage: int | None = None) -> None:
+        """Submit the next step with ``state`` now (pipeline); :meth:`train` collects it.
+        ``stage``: the trainer first stages weights of that version (the current step) for
+        the generation's broadcast, which then goes out while the step runs."""
         if self._pending is not None:
             raise RuntimeError("a training step is already under way")
-        self._pending = (state, self.trainer.train.remote(state))
+        self._pending = (state, self.trainer.train.remote(state, stage))
 
     def train(self, state: torch.Tensor) -> float:
         if self._pending is None:
@@ -341,20 +343,19 @@ class RemoteSearch:
 
         With ``pipeline`` the trainer's step t, with the best state from before this
         generation (the rule of :func:`~edrop_ray.loop.run_edropout`), is submitted as soon as
-        the generation's inputs are fixed, and runs while the evaluators judge; the loop's
-        ``learner.train`` then only collects its loss. The weights ref and the batch are asked
-        of the trainer before the step (an actor runs one caller's calls in order); a
-        broadcast must leave the trainer before the step changes its weights, so with the
-        collective transport the sync comes first and only the judging overlaps the step.
+        the generation's inputs are fixed, and runs while the evaluators judge. The weights
+        ref and the batch are asked of the trainer before the step (an actor runs one caller's
+        calls in order). With the collective transport the step first stages W_t for the
+        broadcast (the trainer's group calls run in a thread of their own), so the broadcast,
+        too, overlaps the step, and the generation is one round of calls either way.
         """
         weights, version = learner.weights()
         batch = learner.energy_batch()
         timeout = self.cfg.generation_timeout_s * 3 + _CONTROL_TIMEOUT_S
-        if self.cfg.pipeline and learner.transport == "collective":
-            ray.get(self.coordinator.sync.remote(version), timeout=timeout)
         ref = self.coordinator.generation.remote([batch], weights, version)
         if self.cfg.pipeline:
-            learner.start_train(self.best)
+            fresh = learner.transport == "collective" and version == learner.step
+            learner.start_train(self.best, stage=version if fresh else None)
         out = ray.get(ref, timeout=timeout)
         record = out["record"]
         self._apply(out["best"], out["states"], out["energies"], record["frozen"])
