@@ -31,8 +31,12 @@ EXTRAPOLATED to ``--target-model`` at ``--target-input`` on GPUs, with every inp
   training step) at an ASSUMED ``--gpu-tflops`` sustained, with an ASSUMED floor per pass;
 - sync(N) = bytes / bandwidth + latency x ceil(log2(N + 1)) (NCCL broadcast, pipelined):
   ASSUMED ``--intra-gbs`` inside a node of ``--gpus-per-node`` and ``--inter-gbs`` across nodes;
-- control(N): the MEASURED control time at N = 1, 2 fitted as a + b (N - 1). It is CPU time of
-  Ray and Python on this 2-core box, shared with other processes: an upper bound.
+- control(N) = a + b (N - 1), fitted (least squares) to the control time MEASURED with
+  ``--control-evaluators`` (default 1,2,4,8) evaluators that judge next to nothing (ResNet-18 at
+  8 px, 2 states of 2 images per evaluator, weights sent once): Ray's round trips, gather and
+  selection without the compute runs' CPU contention. It is still CPU time of Ray and Python on
+  this 2-core box, shared by up to 8 evaluator processes: an upper bound. The fit from the
+  compute runs (N = 1, 2, contended) is printed beside it.
 
 N counts evaluator GPUs; the trainer has its own GPU in addition.
 
@@ -54,6 +58,7 @@ from pathlib import Path
 import torch
 from _common import add_common_args, csv
 
+from edrop_ray.cluster import PRIVATE_INSTANCE
 from edrop_ray.config import load_config
 from edrop_ray.distributed.transport import FlatWeights, GroupMember
 from edrop_ray.models import build_model, example_input
@@ -71,6 +76,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--S", type=int, default=8, help="strong scaling: fixed population")
     p.add_argument("--S-per-eval", type=int, default=4, help="weak scaling: S per evaluator")
     p.add_argument("--generations", type=int, default=6, help="timed, after 2 warm-up")
+    p.add_argument("--control-evaluators", type=csv(int), default=[1, 2, 4, 8])
     p.add_argument("--target-model", default="resnet50")
     p.add_argument("--target-input", type=int, default=32)
     p.add_argument("--target-batch", type=int, default=64)
@@ -159,6 +165,56 @@ def measure_run(n: int, s: int, args) -> dict[str, float]:
         "states_bytes": states_bytes,
         "idle": 1.0 - med(comp_mean) / med(cycles[w]),
     }
+
+
+def measure_control(n: int, args, generations: int = 12) -> float:
+    """Median control seconds per generation with ``n`` evaluators that judge next to nothing:
+    the driver's generation wall time less the slowest shard's compute (weights sent once)."""
+    import ray
+
+    from edrop_ray.data import load_for
+    from edrop_ray.distributed.runner import RayRuntime
+    from edrop_ray.units import discover_units
+
+    cfg = load_config(
+        None,
+        [
+            "dataset=digits", "model=resnet18", "input_size=8", f"population_size={n}",
+            "energy_batch_size=2", "evolve_every=1", f"num_evaluators={n}",
+            f"cpus_per_evaluator={2 / n}", "cpu_threads=1", "trainer_cpus=1", "backend=ray",
+            "weights_transport=collective", "weights_every=1000000", "patience=100000",
+            "diversity_threshold=0", f"seed={args.seed}",
+        ],
+    )  # fmt: skip
+    _train, _test, info = load_for(cfg)
+    model = build_model(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels)
+    units = discover_units(model, example_input(info.in_channels, cfg.input_size))
+    runtime = RayRuntime(cfg, info, units.num_units)
+    try:
+        gens = []
+        for _ in range(2 + generations):
+            t0 = time.perf_counter()
+            runtime.search.run_generation(runtime.learner)
+            gens.append(time.perf_counter() - t0)
+            runtime.learner.train(runtime.search.best)
+        timings, _syncs = ray.get(runtime.coordinator.timing_log.remote(), timeout=120)
+    finally:
+        runtime.shutdown()
+    return statistics.median(
+        g - t["sync_s"] - max(t["compute_s"]) for g, t in zip(gens[2:], timings[2:], strict=True)
+    )
+
+
+def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """(intercept at x = 1, slope) of the least-squares line, the slope floored at 0."""
+    if len(xs) < 2:
+        return ys[0], 0.0
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
+    slope = max(0.0, slope)
+    return my - slope * (mx - 1), slope
 
 
 def _free_port() -> int:
@@ -282,12 +338,15 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, **PRIVATE_INSTANCE)
     rows = []
+    controls: dict[int, float] = {}
     try:
         for n in args.evaluators:
             rows.append(("strong", measure_run(n, args.S, args)))
             rows.append(("weak", measure_run(n, args.S_per_eval * n, args)))
+        for n in args.control_evaluators:
+            controls[n] = measure_control(n, args)
     finally:
         ray.shutdown()
     lines = [
@@ -320,9 +379,17 @@ def main() -> None:
 
     weak = {r["N"]: r for mode, r in rows if mode == "weak"}
     ns = sorted(weak)
-    c1 = weak[ns[0]]["control_s"]
-    slope = (weak[ns[-1]]["control_s"] - c1) / max(1, ns[-1] - ns[0]) if len(ns) > 1 else 0.0
-    slope = max(0.0, slope)
+    heavy = fit_line([float(n) for n in ns], [weak[n]["control_s"] for n in ns])
+    cn = sorted(controls)
+    c1, slope = fit_line([float(n) for n in cn], [controls[n] for n in cn])
+    lines += [
+        "",
+        "Control path alone (MEASURED, evaluators that judge next to nothing, medians): "
+        + ", ".join(f"N = {n}: {controls[n] * MS:.1f} ms" for n in cn)
+        + f"; fit {c1 * MS:.1f} ms + {slope * MS:.2f} ms per evaluator (the compute runs' "
+        f"N = {ns[0]}..{ns[-1]} fit, contended: {heavy[0] * MS:.1f} ms + "
+        f"{heavy[1] * MS:.2f} ms per evaluator)",
+    ]
 
     def control(n: int) -> float:
         return c1 + slope * (n - 1)
@@ -344,8 +411,9 @@ def main() -> None:
         ),
         f"- NCCL broadcast: ASSUMED {args.intra_gbs:g} GB/s in a node of {args.gpus_per_node}, "
         f"{args.inter_gbs:g} GB/s across nodes, {args.latency_us:g} us per tree level",
-        f"- control: MEASURED here {c1 * MS:.1f} ms at N = {ns[0]}, +{slope * MS:.1f} ms per "
-        "evaluator (linear fit), an upper bound (Ray on 2 shared CPU cores)",
+        f"- control: MEASURED here {c1 * MS:.1f} ms + {slope * MS:.2f} ms per evaluator "
+        f"(least squares over N = {', '.join(map(str, cn))} evaluators judging next to nothing), "
+        "an upper bound (Ray on 2 shared CPU cores)",
         "",
         "| scaling | S | N = 1 cycle | N = 8 cycle | eff. 8 | N = 64 cycle | eff. 64 | target |",
         "|---|---|---|---|---|---|---|---|",

@@ -34,7 +34,9 @@ class _SharedRay:
         import ray
 
         if not (self.started and ray.is_initialized()):
-            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+            from edrop_ray.cluster import PRIVATE_INSTANCE
+
+            ray.init(num_cpus=4, **PRIVATE_INSTANCE)  # as edrop_ray starts its own
             self.started = True
         return ray.get_runtime_context().gcs_address
 
