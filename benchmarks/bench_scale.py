@@ -179,7 +179,7 @@ def measure_control(n: int, args, generations: int = 12) -> float:
     cfg = load_config(
         None,
         [
-            "dataset=digits", "model=resnet18", "input_size=8", f"population_size={n}",
+            "dataset=digits", "model=resnet18", "input_size=8", f"population_size={max(4, n)}",
             "energy_batch_size=2", "evolve_every=1", f"num_evaluators={n}",
             f"cpus_per_evaluator={2 / n}", "cpu_threads=1", "trainer_cpus=1", "backend=ray",
             "weights_transport=collective", "weights_every=1000000", "patience=100000",
