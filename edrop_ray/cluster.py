@@ -12,16 +12,10 @@ import os
 
 __all__ = ["connect_ray", "PRIVATE_INSTANCE"]
 
-# How a private instance starts: no dashboard, workers' logs kept in Ray's session folder, and
-# the workers at nice 0. Ray starts its workers at nice 15 (below the raylet and the GCS); in a
-# private instance the actors *are* the run, and at nice 15 they starve behind the driver (the
-# dense baseline trains while they boot) and behind any other job on the machine, which the
-# local backend, at nice 0, does not.
-PRIVATE_INSTANCE = {
-    "include_dashboard": False,
-    "log_to_driver": False,
-    "_system_config": {"worker_niceness": 0},
-}
+# How a private instance starts: no dashboard, workers' logs kept in Ray's session folder.
+# Ray's workers keep its default niceness (15): at nice 0 the actors booted during a CPU dense
+# baseline but slowed it by as much, and runs were no faster (README, Benchmarks).
+PRIVATE_INSTANCE = {"include_dashboard": False, "log_to_driver": False}
 
 
 def connect_ray(address: str | None, *, num_cpus: int, logging_level: int | None = None) -> bool:

@@ -287,14 +287,3 @@ def test_a_failure_while_the_actors_start_kills_them(cluster, tmp_path, monkeypa
         with pytest.raises(RayActorError):
             ray.get(call, timeout=60)
     assert not (tmp_path / "run").exists()
-
-
-def test_actors_of_a_private_instance_run_at_the_drivers_priority(cluster):
-    """Ray starts workers at nice 15; a private instance (the product's and this suite's) starts
-    them at nice 0, the driver's, so the actors do not starve behind it or other jobs."""
-
-    @ray.remote(num_cpus=0)
-    def niceness() -> int:
-        return os.getpriority(os.PRIO_PROCESS, 0)
-
-    assert ray.get(niceness.remote(), timeout=120) == os.getpriority(os.PRIO_PROCESS, 0) == 0
