@@ -97,13 +97,21 @@ def parse_args() -> argparse.Namespace:
 # --- measured: real evaluator processes
 
 
-def measure_run(n: int, s: int, args) -> dict[str, float]:
-    """Medians per generation of a Ray run with ``n`` evaluators and population ``s``."""
-    import ray
-
+def start_runtime(cfg):
+    """The Ray runtime of ``cfg`` (its actors started and ready) and the data's DataInfo."""
     from edrop_ray.data import load_for
     from edrop_ray.distributed.runner import RayRuntime
     from edrop_ray.units import discover_units
+
+    _train, _test, info = load_for(cfg)
+    model = build_model(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels)
+    units = discover_units(model, example_input(info.in_channels, cfg.input_size))
+    return RayRuntime(cfg, info, units.num_units), info
+
+
+def measure_run(n: int, s: int, args) -> dict[str, float]:
+    """Medians per generation of a Ray run with ``n`` evaluators and population ``s``."""
+    import ray
 
     cfg = load_config(
         None,
@@ -115,10 +123,7 @@ def measure_run(n: int, s: int, args) -> dict[str, float]:
             "diversity_threshold=0", f"seed={args.seed}",
         ],
     )  # fmt: skip
-    _train, _test, info = load_for(cfg)
-    model = build_model(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels)
-    units = discover_units(model, example_input(info.in_channels, cfg.input_size))
-    runtime = RayRuntime(cfg, info, units.num_units)
+    runtime, info = start_runtime(cfg)
     try:
         learner, search = runtime.learner, runtime.search
         cycles, trains, gens = [], [], []
@@ -145,7 +150,7 @@ def measure_run(n: int, s: int, args) -> dict[str, float]:
                                       t["compute_s"], strict=True)) for t in tm]  # fmt: skip
     control = [g - t["sync_s"] - b for g, t, b in zip(gens[w], tm, busy, strict=True)]
     med = statistics.median
-    states_bytes = 2 * s * math.ceil(units.num_units / 8)
+    states_bytes = 2 * s * math.ceil(runtime.num_units / 8)
     batch_bytes = (
         args.energy_batch * info.in_channels * args.input_size**2 * 4 + 8 * args.energy_batch
     )
@@ -172,10 +177,6 @@ def measure_control(n: int, args, generations: int = 12) -> float:
     the driver's generation wall time less the slowest shard's compute (weights sent once)."""
     import ray
 
-    from edrop_ray.data import load_for
-    from edrop_ray.distributed.runner import RayRuntime
-    from edrop_ray.units import discover_units
-
     cfg = load_config(
         None,
         [
@@ -186,10 +187,7 @@ def measure_control(n: int, args, generations: int = 12) -> float:
             "diversity_threshold=0", f"seed={args.seed}",
         ],
     )  # fmt: skip
-    _train, _test, info = load_for(cfg)
-    model = build_model(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels)
-    units = discover_units(model, example_input(info.in_channels, cfg.input_size))
-    runtime = RayRuntime(cfg, info, units.num_units)
+    runtime, info = start_runtime(cfg)
     try:
         gens = []
         for _ in range(2 + generations):
