@@ -11,6 +11,7 @@ bf16 autocast and channels-last run on the real CPU, where torch supports both.
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from device_guard import DeviceMixError, other_device
@@ -227,7 +228,9 @@ def test_the_actors_code_runs_on_another_device(data, monkeypatch):
         assert trainer.learner.device == dev and evaluator.device == dev
         batch = trainer.energy_batch()  # CPU tensors, as shipped through the object store
         assert batch[0].device == CPU
-        evaluator.model.load_state_dict(trainer.weights())
+        weights = trainer.weights()  # one flat CPU array, as shipped through the object store
+        assert weights.ndim == 1 and weights.dtype == np.float32
+        evaluator.load_weights(weights)
         packed = pack_states(states)  # states travel bit-packed
         shard, energies, *_seconds = evaluator.evaluate(3, packed, batch, [None], evaluator.version)
         want = trainer.learner.energies(states, *trainer.learner.to_device(*batch))

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections import deque
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 
@@ -31,7 +33,7 @@ from ..learner import Learner
 from ..models import build_replica, replica_of
 from ..search import Search
 from .pool import EvaluatorPool, InputsLost
-from .transport import GroupMember, free_address, rank_identity
+from .transport import FlatWeights, GroupMember, free_address, rank_identity
 
 __all__ = ["Trainer", "Evaluator", "Coordinator", "InputsLost", "CONCURRENCY_GROUPS"]
 
@@ -67,6 +69,7 @@ class Trainer:
         self._stepping = False
         self._staged = -1  # the weights version in the send buffer
         self._stage_s = 0.0
+        self._flat: FlatWeights | None = None  # the object store's weights, packed
 
     def info(self) -> dict[str, Any]:
         return {"total_steps": self.learner.total_steps, "step": self.learner.step}
@@ -91,9 +94,21 @@ class Trainer:
         """The next generation's batch (CPU tensors); returned through the object store."""
         return self.learner.draw_energy_batch()
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        """The current weights and BN statistics (CPU); returned through the object store."""
-        return {k: v.detach().cpu() for k, v in self.learner.model.state_dict().items()}
+    def weights(self) -> np.ndarray:
+        """The current weights and floating BN buffers as one flat fp32 array (CPU), laid out
+        as :class:`~edrop_ray.distributed.transport.FlatWeights` over the model; returned
+        through the object store.
+
+        One array is one copy into the store and a zero-copy read for each evaluator on the
+        node; a dict of tensors is pickled tensor by tensor and unpickled by each evaluator
+        again (ResNet-18 on the CPU: 41 ms instead of 135 ms per version, README).
+        """
+        if self._flat is None:
+            self._flat = FlatWeights(
+                self.learner.model, device=self.learner.device, dtype=torch.float32
+            )
+        self._flat.pack()
+        return self._flat.flat.cpu().numpy()  # one device -> host copy on a GPU
 
     # --- the collective transport (rank 0)
     def _member(self) -> GroupMember:
@@ -166,10 +181,21 @@ class Evaluator:
         self.model, self.units, self.masker = replica.model.eval(), replica.units, replica.masker
         self.memory_format = replica.memory_format
         self.member: GroupMember | None = None
+        self.home: FlatWeights | None = None  # object store: the flat weights' layout
         self.version = -1
 
     def identity(self) -> dict[str, Any]:
         return {"index": self.index, **rank_identity(self.device)}
+
+    def load_weights(self, flat: np.ndarray) -> None:
+        """Take the trainer's flat weights (:meth:`Trainer.weights`): one copy to this
+        evaluator's device, then one per tensor of the model."""
+        if self.home is None:  # the layout, and a staging buffer on this device
+            self.home = FlatWeights(self.model, device=self.device, dtype=torch.float32)
+        with warnings.catch_warnings():  # the store's array is read-only; it is only read
+            warnings.simplefilter("ignore", UserWarning)
+            src = torch.from_numpy(flat)
+        self.home.unpack(src)
 
     # --- the collective transport (ranks 1..N)
     def join_group(self, address, rank, world_size, backend, timeout_s, epoch) -> int:
@@ -207,7 +233,8 @@ class Evaluator:
         t0 = time.perf_counter()
         if version != self.version:
             if weights is not None:
-                self.model.load_state_dict(ray.get(weights[0]))
+                self.version = -1  # a failed load leaves no version behind
+                self.load_weights(ray.get(weights[0]))
                 self.version = version
             elif epoch is not None:
                 self.receive(version, epoch)

@@ -77,6 +77,17 @@ class FlatWeights:
             view.copy_(t.detach())
 
     @torch.no_grad()
+    def unpack(self, src: torch.Tensor) -> None:
+        """The reverse of :meth:`pack`: ``src``, a flat buffer laid out like this one (from
+        another rank, on any device), into the model's tensors: one copy to this buffer's
+        device, then one per tensor there."""
+        if src.shape != self.flat.shape:
+            raise ValueError(f"a flat buffer of {src.numel()} values for {self.flat.numel()}")
+        self.flat.copy_(src)
+        for view, (_, t) in zip(self.views, self.entries, strict=True):
+            t.copy_(view)
+
+    @torch.no_grad()
     def bind(self, model: nn.Module) -> None:
         """Make ``model``'s synced tensors views into the buffer (their values are kept).
 

@@ -1,0 +1,93 @@
+"""Weights through Ray's object store: a dict of tensors vs one flat fp32 array.
+
+Two actors on a private local Ray instance (one thread each): the source publishes a model's
+weights, the sink fetches and loads them into its own copy, as the trainer and an evaluator do
+with ``weights_transport: object_store``. Both ways are timed alternately, ``--repeats`` times
+after a warm-up; the medians of the round trip and of the sink's fetch + load are printed, with
+their ratio. Asserts nothing.
+
+    python benchmarks/bench_object_store.py [--model resnet18] [--repeats 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+import warnings
+
+import ray
+import torch
+
+from edrop_ray.cluster import PRIVATE_INSTANCE
+from edrop_ray.distributed.transport import FlatWeights
+from edrop_ray.models import build_model
+
+
+class Source:
+    def __init__(self, name: str):
+        torch.set_num_threads(1)
+        self.model = build_model(name, num_classes=10, in_channels=1)
+        self.flat = FlatWeights(self.model, device=torch.device("cpu"), dtype=torch.float32)
+
+    def as_dict(self):
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def as_flat(self):
+        self.flat.pack()
+        return self.flat.flat.numpy()
+
+
+class Sink:
+    def __init__(self, name: str):
+        torch.set_num_threads(1)
+        self.model = build_model(name, num_classes=10, in_channels=1)
+        self.flat = FlatWeights(self.model, device=torch.device("cpu"), dtype=torch.float32)
+
+    def load(self, kind: str, ref: list) -> float:
+        t0 = time.perf_counter()
+        if kind == "dict":
+            self.model.load_state_dict(ray.get(ref[0]))
+        else:
+            with warnings.catch_warnings():  # the store's array is read-only; it is only read
+                warnings.simplefilter("ignore", UserWarning)
+                src = torch.from_numpy(ray.get(ref[0]))
+            self.flat.unpack(src)
+        return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--repeats", type=int, default=8)
+    args = p.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, **PRIVATE_INSTANCE)
+    try:
+        source = ray.remote(Source).remote(args.model)
+        sink = ray.remote(Sink).remote(args.model)
+        times: dict[str, list[tuple[float, float]]] = {"dict": [], "flat": []}
+        for i in range(args.repeats + 2):
+            for kind in ("dict", "flat"):
+                t0 = time.perf_counter()
+                ref = source.as_dict.remote() if kind == "dict" else source.as_flat.remote()
+                load = ray.get(sink.load.remote(kind, [ref]), timeout=300)
+                if i >= 2:  # the first two are warm-up
+                    times[kind].append((time.perf_counter() - t0, load))
+    finally:
+        ray.shutdown()
+    med = {k: [statistics.median(x[j] for x in v) for j in (0, 1)] for k, v in times.items()}
+    nbytes = FlatWeights(
+        build_model(args.model, num_classes=10, in_channels=1),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    ).nbytes
+    print(f"{args.model}: {nbytes / 1e6:.1f} MB per weights version, medians of {args.repeats}")
+    for k, (trip, load) in med.items():
+        print(f"  {k:4s}: round trip {trip * 1e3:6.1f} ms, fetch + load {load * 1e3:6.1f} ms")
+    print(f"  flat / dict round trip: {med['flat'][0] / med['dict'][0]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
