@@ -234,7 +234,9 @@ def test_the_actors_code_runs_on_another_device(data, monkeypatch):
         packed = pack_states(states)  # states travel bit-packed
         shard, energies, *_seconds = evaluator.evaluate(3, packed, batch, [None], evaluator.version)
         want = trainer.learner.energies(states, *trainer.learner.to_device(*batch))
-        loss = trainer.train(states[0])
+        # a pipelined step stages its weights for the broadcast first: on the model's device
+        loss = trainer.train(states[0], stage=trainer.learner.step)
+        assert trainer.member.home.flat.device == dev
     assert shard == 3 and energies.device == CPU
     torch.testing.assert_close(energies, want, rtol=0, atol=0)
     assert loss == loss  # not NaN

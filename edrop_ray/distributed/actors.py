@@ -417,10 +417,7 @@ class Coordinator:
         self.synced = version
         self.one_round += 1
         self.sync_log.append(ray.get(trainer, timeout=self.pool.timeout_s))
-        ordered = sorted(results.values(), key=lambda r: r[0])
-        self._compute = [r[2] for r in ordered]
-        self._receive = [r[3] for r in ordered]
-        return torch.cat([r[1] for r in ordered])
+        return self._energies(sorted(results.values(), key=lambda r: r[0]))
 
     def _evaluate(self, candidates, batch_ref, weights, version) -> torch.Tensor:
         # never more shards than candidates: an evaluator with nothing to judge is left idle
@@ -429,6 +426,11 @@ class Coordinator:
         results = self.pool.map(
             lambda ev, k: ev.evaluate.remote(k, shards[k], batch_ref, weights, version), n
         )
+        return self._energies(results)
+
+    def _energies(self, results: list) -> torch.Tensor:
+        """The energies of ``results`` (evaluate's answers, in shard order), concatenated; the
+        seconds each shard computed and received weights, kept for the timing log."""
         self._compute = [r[2] for r in results]
         self._receive = [r[3] for r in results]
         return torch.cat([r[1] for r in results])
