@@ -195,3 +195,100 @@ def test_the_trainer_stages_the_weights_a_step_moves_past():
     trainer._stepping = False
     trainer._stage(2)
     assert torch.equal(trainer.member.home.flat, after.flat)
+
+
+def _server(port: int, rank: int, world: int, die_after: int | None, queue) -> None:
+    """Ranks 1..N of the judging exchange, with a stand-in judge: a state's energy is its
+    number of kept units. ``die_after``: exit abruptly after that many requests."""
+    import os
+
+    import numpy as np
+
+    torch.set_num_threads(1)
+    model = _model(1)
+    member = GroupMember(model, torch.device("cpu"), "fp32", bind=True)
+    member.join(("127.0.0.1", port), rank, world, "gloo", 60.0, epoch=0)
+    served = 0
+    while (req := member.next_request(0)) is not None:
+        bits = np.unpackbits(req.packed.numpy(), axis=1)
+        energies = torch.from_numpy(bits.sum(axis=1).astype(np.float32)) + req.x.sum()
+        member.reply(energies, 0.5, req.receive_s)
+        served += 1
+        if die_after is not None and served == die_after:
+            os._exit(1)
+    queue.put((rank, served, member.version, model.fc.weight.detach().sum().item()))
+    member.leave()
+
+
+def _serve_group(world: int, die: dict[int, int]):
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    children = [
+        ctx.Process(target=_server, args=(port, r, world, die.get(r), queue), daemon=True)
+        for r in range(1, world)
+    ]
+    for c in children:
+        c.start()
+    sender = _model(0)
+    member = GroupMember(sender, torch.device("cpu"), "fp32", bind=False)
+    member.join(("127.0.0.1", port), 0, world, "gloo", 60.0, epoch=0)
+    return member, sender, children, queue
+
+
+def test_one_exchange_judges_every_shard_in_candidate_order_and_stops_the_ranks():
+    import numpy as np
+
+    member, sender, children, queue = _serve_group(3, {})
+    try:
+        states = torch.rand(5, 20, generator=torch.Generator().manual_seed(0)) < 0.5
+        packed = torch.from_numpy(np.packbits(states.numpy().astype(np.uint8), axis=1))
+        x, y = torch.ones(2, 1, 4, 4), torch.tensor([1, 2])
+        want = states.sum(1).float() + x.sum()
+        member.home.pack()
+        first = member.request(7, 0, packed, x, y, send_weights=True)
+        assert torch.equal(first["energies"], want)  # shards of 3 and 2, in candidate order
+        assert first["compute_s"] == [0.5, 0.5] and first["sync"]["bytes"] == member.nbytes
+        assert min(first["receive_s"]) > 0
+        again = member.request(7, 0, packed[:1], 2 * x, y, send_weights=False)
+        assert torch.equal(again["energies"], want[:1] + x.sum())  # rank 2 had nothing
+        assert again["sync"] is None and again["receive_s"] == [0.0, 0.0]
+        assert member.stop(0, [1, 2]) == [1, 2]
+        got = sorted(queue.get(timeout=60) for _ in children)
+        fc = sender.fc.weight.detach().sum().item()
+        assert [g[:3] for g in got] == [(1, 2, 7), (2, 2, 7)]  # both served twice, weights 7
+        assert all(g[3] == fc for g in got)  # ...and hold the sender's weights
+    finally:
+        member.leave()
+        for c in children:
+            c.join(timeout=60)
+            if c.is_alive():
+                c.kill()
+    assert [c.exitcode for c in children] == [0, 0]
+
+
+def test_a_rank_dead_between_exchanges_fails_the_next_fast_and_frees_the_others():
+    import time
+
+    import numpy as np
+
+    member, _sender, children, queue = _serve_group(3, {2: 1})
+    try:
+        packed = torch.from_numpy(np.packbits(np.ones((4, 8), dtype=np.uint8), axis=1))
+        x, y = torch.zeros(1, 3), torch.tensor([0])
+        member.home.pack()
+        member.request(1, 0, packed, x, y, send_weights=True)
+        children[1].join(timeout=60)  # rank 2 exits after its first answer
+        t0 = time.perf_counter()
+        with pytest.raises(RuntimeError, match=r"ranks \[2\] did not answer"):
+            member.request(1, 0, packed, x, y, send_weights=False)
+        assert time.perf_counter() - t0 < 30  # seen by the header or its answer: no timeout
+        # rank 1 was told ABORT and left its loop, free for the coordinator
+        assert queue.get(timeout=60)[:2] == (1, 1)
+    finally:
+        member.leave()
+        for c in children:
+            c.join(timeout=60)
+            if c.is_alive():
+                c.kill()
+    assert children[0].exitcode == 0 and children[1].exitcode == 1

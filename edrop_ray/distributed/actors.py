@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
 from ..config import Config
 from ..data import DataInfo, load_for
@@ -35,10 +36,14 @@ from ..search import Search
 from .pool import EvaluatorPool, InputsLost
 from .transport import FlatWeights, GroupMember, free_address, rank_identity
 
-__all__ = ["Trainer", "Evaluator", "Coordinator", "InputsLost", "CONCURRENCY_GROUPS"]
+__all__ = [
+    "Trainer", "Evaluator", "Coordinator", "InputsLost", "CONCURRENCY_GROUPS", "EVALUATOR_GROUPS",
+]  # fmt: skip
 
 # The trainer's threads: its process-group calls run beside its training steps.
 CONCURRENCY_GROUPS = {"comm": 1}
+# The evaluator's: liveness probes are answered while it serves the group.
+EVALUATOR_GROUPS = {"probe": 1}
 
 
 class Trainer:
@@ -155,6 +160,33 @@ class Trainer:
         out["pack_s"] = self._stage_s
         return out
 
+    @ray.method(concurrency_group="comm")
+    def judge(
+        self, version: int, epoch: int, packed: np.ndarray, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> dict[str, Any]:
+        """Have the serving evaluators judge the ``packed`` candidates (one bit-packed row each)
+        on ``batch`` with weights ``version``, over the group: one call per generation, however
+        many evaluators (:meth:`GroupMember.request`). The weights go out first when the group
+        does not hold them yet (staged as :meth:`publish` stages them)."""
+        with self._lock:
+            member = self._member()
+            send = member.version != version
+            if send:
+                self._stage(version)
+        x, y = batch
+        out = member.request(
+            version, epoch, torch.from_numpy(packed), x.contiguous(), y.contiguous(),
+            send_weights=send,
+        )  # fmt: skip
+        if out["sync"] is not None:
+            out["sync"]["pack_s"] = self._stage_s
+        return out
+
+    @ray.method(concurrency_group="comm")
+    def stop_serving(self, epoch: int, ranks: list[int]) -> list[int]:
+        """Tell the serving ``ranks`` to stop; the ranks told."""
+        return self._member().stop(epoch, ranks)
+
     def state_dict(self) -> dict[str, Any]:
         return self.learner.state_dict()
 
@@ -184,7 +216,9 @@ class Evaluator:
         self.home: FlatWeights | None = None  # object store: the flat weights' layout
         self.version = -1
 
+    @ray.method(concurrency_group="probe")
     def identity(self) -> dict[str, Any]:
+        # its own thread: it answers while the evaluator serves (liveness probes, diagnostics)
         return {"index": self.index, **rank_identity(self.device)}
 
     def load_weights(self, flat: np.ndarray) -> None:
@@ -219,7 +253,6 @@ class Evaluator:
         batch: tuple[torch.Tensor, torch.Tensor],
         weights: list[ray.ObjectRef] | None,
         version: int,
-        epoch: int | None = None,
     ) -> tuple[int, torch.Tensor, float, float]:
         """Energies of the bit-packed ``packed`` states -> (shard, (n,) float, seconds spent
         computing them, seconds spent receiving new weights).
@@ -227,8 +260,8 @@ class Evaluator:
         ``weights`` is a one-element list with the object-store reference (Ray hands it over
         unresolved: the weights are fetched only when their version changed, after a restart
         too), or None with the collective transport: then the weights of ``version`` have
-        arrived by broadcast, or, with ``epoch`` (the group's), are received first, from the
-        broadcast the trainer sends in the same round (one call per generation, not two).
+        arrived by broadcast. (In the steady state the collective transport judges over the
+        group instead: :meth:`serve`.)
         """
         t0 = time.perf_counter()
         if version != self.version:
@@ -236,17 +269,17 @@ class Evaluator:
                 self.version = -1  # a failed load leaves no version behind
                 self.load_weights(ray.get(weights[0]))
                 self.version = version
-            elif epoch is not None:
-                self.receive(version, epoch)
             else:
                 raise RuntimeError(
                     f"evaluator {self.index} holds weights {self.version}, not {version}"
                 )
         t1 = time.perf_counter()
-        states = unpack_states(packed, self.units.num_units)
-        x, y = batch
+        energies = self._judge(unpack_states(packed, self.units.num_units), *batch)
+        return shard, energies, time.perf_counter() - t1, t1 - t0
+
+    def _judge(self, states: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device).contiguous(memory_format=self.memory_format)
-        energies = compute_energies(
+        return compute_energies(
             self.model,
             self.masker,
             states,
@@ -256,7 +289,32 @@ class Evaluator:
             sparsity_lambda=self.cfg.sparsity_lambda,
             amp=self.cfg.amp,
         )
-        return shard, energies, time.perf_counter() - t1, t1 - t0
+
+    def serve(self, epoch: int) -> dict[str, Any]:
+        """Judge the trainer's requests over group ``epoch`` until told to stop.
+
+        Returns why it ended (``"stopped"``, or the error of a failed exchange: the group is
+        then broken) and how many requests it served; it never raises, so the coordinator
+        tells a broken group from a dead evaluator (whose call fails).
+        """
+        served = 0
+        try:
+            if self.member is None:
+                raise RuntimeError(f"evaluator {self.index} is in no group")
+            while (req := self.member.next_request(epoch)) is not None:
+                self.version = self.member.version
+                t0 = time.perf_counter()
+                bits = np.unpackbits(req.packed.cpu().numpy(), axis=1)[:, : self.units.num_units]
+                states = torch.from_numpy(bits.astype(bool))
+                if states.shape[0]:
+                    energies = self._judge(states, req.x, req.y)
+                else:  # more ranks than candidates: nothing to judge
+                    energies = torch.empty(0)
+                self.member.reply(energies, time.perf_counter() - t0, req.receive_s)
+                served += 1
+        except Exception as e:  # noqa: BLE001 - reported to the coordinator, which re-forms
+            return {"ended": f"{type(e).__name__}: {e}", "served": served}
+        return {"ended": "stopped", "served": served}
 
 
 class Coordinator:
@@ -282,7 +340,8 @@ class Coordinator:
         self.members: list[int] | None = None  # evaluators in the current group, by index
         self.epoch = -1  # the group's formation number
         self.regroups = 0
-        self.one_round = 0  # generations whose weights went out in the judging round
+        self.grouped = 0  # generations judged over the process group (one call in all)
+        self.serving: dict[int, ray.ObjectRef] = {}  # evaluator -> its serving loop
         self.synced = -1  # the weights version every member holds
         # the trainer's side of each broadcast, and where each generation's time went
         self.sync_log: deque[dict[str, float]] = deque(maxlen=1000)
@@ -304,7 +363,7 @@ class Coordinator:
         self._receive: list[float] = []
         energies, sync_s = None, 0.0
         if self.transport == "collective":
-            energies = self._judge_in_one_round(candidates, batch[0], version)
+            energies = self._judge_in_group(candidates, batch[0], version)
         if energies is None:
             if self.transport == "collective":  # not possible, or a rank failed: sync first
                 t = time.perf_counter()
@@ -351,7 +410,9 @@ class Coordinator:
         return ok
 
     def _sync(self, version: int) -> None:
-        """Every live evaluator holds weights ``version`` when this returns."""
+        """Every live evaluator holds weights ``version`` when this returns (and serves no
+        more: the calls of this path queue behind a serving loop)."""
+        self._stop_serving()
         error: Exception | None = None
         for _ in range(2 * len(self.pool) + 2):
             # with every evaluator marked dead, try them all again (as the shards do)
@@ -385,39 +446,72 @@ class Coordinator:
             self._sync(version)
         return self.stats()
 
-    def _judge_in_one_round(self, candidates, batch_ref, version: int) -> torch.Tensor | None:
-        """New weights and the generation's shards in one round of calls: the trainer
-        broadcasts weights ``version`` while each member receives them and judges its shard.
+    def _judge_in_group(self, candidates, batch_ref, version: int) -> torch.Tensor | None:
+        """The generation judged over the process group: one call, the trainer's, whatever
+        the number of evaluators (they serve in a loop, started once per group).
 
-        Only in the steady state: the group is formed from the live evaluators, each gets a
-        shard, and ``version`` is new. Returns None when that does not hold or when any rank
-        failed (the failed ones marked dead, the group to be re-formed); the caller then
-        syncs and judges in two rounds, re-running every shard, so the energies are the same.
+        Only in the steady state: the group is formed from the live evaluators and every one
+        of them still serves. Returns None otherwise, or when the exchange failed (the
+        evaluators that died marked dead, the group to be re-formed); the caller then syncs
+        and judges with one call per evaluator, re-running every shard, so the energies are
+        the same.
         """
         want = self.pool.healthy()
-        n = candidates.shape[0]
-        if self.synced == version or want != self.members or n < len(want):
+        if self.members is None or want != self.members:
             return None
-        shards = [pack_states(s) for s in torch.tensor_split(candidates, len(want))]
-        trainer = self.trainer.publish.remote(version, self.epoch)
-        results: dict[int, Any] = {}
-        k = {i: j for j, i in enumerate(want)}
-        failed, error = self.pool.foreach(
-            lambda i, ev: ev.evaluate.remote(
-                k[i], shards[k[i]], batch_ref, None, version, self.epoch
-            ),
-            want,
-            others={trainer: -1},
-            results=results,
-        )
-        if failed or error is not None or len(results) != len(want):
-            self.lost_in_sync += len(failed)
-            self.members = None  # a broadcast failed: the group is re-formed
+        if self.serving:
+            done, _ = ray.wait(list(self.serving.values()), num_returns=1, timeout=0)
+            if done:  # one stopped serving (died, or its group broke): re-form first
+                self._stop_serving()
+                self.members = None
+                return None
+        else:
+            self.serving = {i: self.pool.actors[i].serve.remote(self.epoch) for i in want}
+        packed = np.packbits(candidates.cpu().numpy().astype(np.uint8), axis=1)
+        ref = self.trainer.judge.remote(version, self.epoch, packed, batch_ref)
+        try:
+            out = ray.get(ref, timeout=self.pool.timeout_s + 30)
+        except RayActorError as e:
+            raise InputsLost(f"the trainer is gone: {e}") from e
+        except (RayTaskError, GetTimeoutError, ObjectLostError):
+            self._stop_serving()
+            self.members = None  # the exchange failed: the group is re-formed
             return None
         self.synced = version
-        self.one_round += 1
-        self.sync_log.append(ray.get(trainer, timeout=self.pool.timeout_s))
-        return self._energies(sorted(results.values(), key=lambda r: r[0]))
+        self.grouped += 1
+        if out["sync"] is not None:
+            self.sync_log.append(out["sync"])
+        self._compute, self._receive = out["compute_s"], out["receive_s"]
+        return out["energies"]
+
+    def _stop_serving(self) -> None:
+        """End the evaluators' serving loops: the ones still waiting are told to stop (over
+        the group, by the trainer); one that died or does not end in time is marked dead."""
+        if not self.serving:
+            return
+        serving, self.serving = self.serving, {}
+        t = self.pool.timeout_s
+        done, _ = ray.wait(list(serving.values()), num_returns=len(serving), timeout=0)
+        waiting = [self.members.index(i) + 1 for i, r in serving.items()
+                   if r not in done and self.members and i in self.members]  # fmt: skip
+        if waiting:
+            try:
+                ray.get(self.trainer.stop_serving.remote(self.epoch, waiting), timeout=t)
+            except RayActorError as e:
+                raise InputsLost(f"the trainer is gone: {e}") from e
+            except (RayTaskError, GetTimeoutError):
+                pass  # the ones not told end when their group times out, or are marked dead
+        ready, _ = ray.wait(list(serving.values()), num_returns=len(serving), timeout=t + 30)
+        lost = []
+        for i, ref in serving.items():
+            try:
+                if ref not in ready:
+                    raise TimeoutError(f"evaluator {i} did not stop serving")
+                ray.get(ref, timeout=t)
+            except (RayActorError, RayTaskError, GetTimeoutError, TimeoutError):
+                lost.append(i)
+        self.pool.set_healthy(lost, False)
+        self.lost_in_sync += len(lost)
 
     def _evaluate(self, candidates, batch_ref, weights, version) -> torch.Tensor:
         # never more shards than candidates: an evaluator with nothing to judge is left idle
@@ -451,7 +545,7 @@ class Coordinator:
             "reruns": self.pool.reruns,
             "lost_in_sync": self.lost_in_sync,
             "regroups": self.regroups,
-            "one_round": self.one_round,
+            "grouped": self.grouped,
             "members": list(self.members or []),
         }
 

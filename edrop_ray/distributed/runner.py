@@ -28,7 +28,14 @@ from ..config import Config
 from ..data import DataInfo
 from ..errors import UserError
 from ..learner import Learner
-from .actors import CONCURRENCY_GROUPS, Coordinator, Evaluator, InputsLost, Trainer
+from .actors import (
+    CONCURRENCY_GROUPS,
+    EVALUATOR_GROUPS,
+    Coordinator,
+    Evaluator,
+    InputsLost,
+    Trainer,
+)
 from .transport import choose_transport
 
 __all__ = ["RayRuntime", "RemoteLearner", "RemoteSearch", "connect", "plan_resources"]
@@ -146,7 +153,7 @@ class RayRuntime:
         self.pg = placement_group([dict(bundle) for _ in range(n)], strategy=cfg.placement_strategy)
         # The evaluators wait in Ray's queue for their bundles; wait_ready() bounds that wait.
         self.evaluators = [
-            ray.remote(Evaluator)
+            ray.remote(concurrency_groups=EVALUATOR_GROUPS)(Evaluator)
             .options(
                 num_cpus=cfg.cpus_per_evaluator,
                 num_gpus=per_eval,

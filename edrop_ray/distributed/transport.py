@@ -14,6 +14,23 @@ model's tensors *are* views into that buffer, so nothing is copied after the bro
 
 Every init and broadcast carries a timeout, so a dead rank makes the others fail (and the
 coordinator re-form the group from the live ranks) instead of waiting for ever.
+
+A generation's candidates are judged over the same group, with one Ray call in all (the
+trainer's) instead of one per evaluator: each evaluator serves in a loop
+(:meth:`GroupMember.next_request`, :meth:`GroupMember.reply`), and rank 0
+(:meth:`GroupMember.request`) runs one exchange per generation:
+
+1. a header to each rank (point to point): judge or stop, the weights version, whether new
+   weights follow, the states' and the batch's shapes and dtypes;
+2. an acknowledgement from each rank, then GO to each (or ABORT, when a rank did not answer
+   in time: the live ones go back to the coordinator instead of into a collective that
+   cannot finish);
+3. broadcasts: the bit-packed states of every candidate, the batch, and the weights when
+   they are new; each rank judges its contiguous shard (:func:`shard_bounds`);
+4. each rank's energies and timings back to rank 0 (point to point).
+
+Point-to-point steps fail for one rank only; a rank that died between generations is seen at
+step 1 or 2 and costs no timeout.
 """
 
 from __future__ import annotations
@@ -37,6 +54,8 @@ __all__ = [
     "free_address",
     "choose_transport",
     "rank_identity",
+    "shard_bounds",
+    "Request",
 ]
 
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -182,6 +201,7 @@ class GroupMember:
         )
         self.epoch = -1
         self.version = -1
+        self.timeout_s = 60.0
 
     def join(
         self, address: tuple[str, int], rank: int, world_size: int, backend: str,
@@ -202,6 +222,7 @@ class GroupMember:
         )
         self.epoch = epoch
         self.version = -1
+        self.timeout_s = timeout_s
         return rank
 
     def leave(self) -> None:
@@ -245,3 +266,162 @@ class GroupMember:
     @property
     def nbytes(self) -> int:
         return self.wire.numel() * self.wire.element_size()
+
+    # --- judging over the group (module docstring: one exchange per generation)
+    def request(
+        self, version: int, epoch: int, packed: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+        *, send_weights: bool,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Rank 0: have ranks 1..N judge the ``packed`` states (uint8, one row per candidate)
+        on ``(x, y)`` with weights ``version`` (broadcast first when ``send_weights``).
+
+        Returns the energies in candidate order, each rank's compute and receive seconds, and
+        the weights' broadcast figures (None when none went out). Raises RuntimeError naming
+        the ranks that did not answer; the others were told to stop.
+        """
+        self._check(epoch)
+        dev, ranks = self.device, range(1, dist.get_world_size())
+        header = torch.tensor(
+            [JUDGE, version, int(send_weights), *packed.shape, *_describe(x), *_describe(y)],
+            dtype=torch.int64,
+        ).to(dev)
+        t = self.timeout_s
+        failed = _p2p(dist.isend, dict.fromkeys(ranks, header), t)
+        acks = {r: torch.zeros(1, dtype=torch.int64, device=dev) for r in ranks if r not in failed}
+        failed |= _p2p(dist.irecv, acks, t)
+        verdict = torch.tensor([ABORT if failed else GO], dtype=torch.int64).to(dev)
+        _p2p(dist.isend, {r: verdict for r in acks if r not in failed}, t)
+        if failed:
+            raise _unanswered(failed)
+        for part in (packed, x, y):
+            dist.broadcast(part.to(dev), src=0)
+        sync = None
+        if send_weights:
+            t0 = time.perf_counter()
+            dist.broadcast(self.wire, src=0)
+            self.version = version
+            sync = {"bytes": self.nbytes, "broadcast_s": time.perf_counter() - t0}
+        shards = len(ranks)
+        out = {
+            r: torch.empty(shard_bounds(packed.shape[0], shards, r - 1)[1] + 3,
+                           dtype=torch.float64, device=dev)
+            for r in ranks
+        }  # fmt: skip
+        failed = _p2p(dist.irecv, out, t)
+        if failed:
+            raise _unanswered(failed)
+        answers = [out[r].cpu() for r in ranks]
+        energies = torch.cat([a[:-3].to(_DTYPES[int(a[-1])]) for a in answers])
+        return {
+            "energies": energies,
+            "compute_s": [float(a[-3]) for a in answers],
+            "receive_s": [float(a[-2]) for a in answers],
+            "sync": sync,
+        }
+
+    def stop(self, epoch: int, ranks: list[int]) -> list[int]:
+        """Rank 0: tell ``ranks`` (waiting for a request) to stop serving; those told."""
+        self._check(epoch)
+        header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.device)  # STOP
+        failed = _p2p(dist.isend, dict.fromkeys(ranks, header), self.timeout_s)
+        return [r for r in ranks if r not in failed]
+
+    def next_request(self, epoch: int) -> Request | None:
+        """Ranks 1..N: wait for rank 0's next request; None when told to stop (or the exchange
+        was aborted). New weights arrive into the bound buffer on the way."""
+        self._check(epoch)
+        dev = self.device
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=dev)
+        dist.recv(header, src=0)
+        h = header.tolist()
+        if h[0] == STOP:
+            return None
+        dist.send(torch.ones(1, dtype=torch.int64, device=dev), dst=0)
+        verdict = torch.empty(1, dtype=torch.int64, device=dev)
+        dist.recv(verdict, src=0)
+        if int(verdict.item()) != GO:
+            return None
+        version, new, num, width = h[1:_HEAD]
+        packed = torch.empty(num, width, dtype=torch.uint8, device=dev)
+        x = _empty(h[_HEAD : _HEAD + 2 + _MAX_DIMS], dev)
+        y = _empty(h[_HEAD + 2 + _MAX_DIMS :], dev)
+        for part in (packed, x, y):
+            dist.broadcast(part, src=0)
+        receive_s = 0.0
+        if new:
+            receive_s = self.receive(version, epoch)["broadcast_s"]
+        elif version != self.version:
+            raise RuntimeError(f"asked to judge with weights {version}, holding {self.version}")
+        start, count = shard_bounds(num, dist.get_world_size() - 1, dist.get_rank() - 1)
+        return Request(version, packed[start : start + count], x, y, receive_s)
+
+    def reply(self, energies: torch.Tensor, compute_s: float, receive_s: float) -> None:
+        """Ranks 1..N: the energies of this rank's shard, and its timings, to rank 0."""
+        out = torch.empty(energies.numel() + 3, dtype=torch.float64, device=self.device)
+        out[:-3] = energies.reshape(-1).to(out)
+        out[-3:] = torch.tensor([compute_s, receive_s, _DTYPES.index(energies.dtype)],
+                                dtype=torch.float64)  # fmt: skip
+        dist.send(out, dst=0)
+
+
+# --- judging over the group: one exchange per generation, run by rank 0
+
+STOP, JUDGE = 0, 1
+ABORT, GO = 0, 1
+# dtypes a batch or an energy may have on the wire, by code
+_DTYPES = [
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+    torch.int16, torch.int8, torch.uint8, torch.bool,
+]  # fmt: skip
+_MAX_DIMS = 6
+_HEAD = 5  # command, version, new weights, candidates, bytes per packed state
+HEADER_LEN = _HEAD + 2 * (2 + _MAX_DIMS)  # then (dtype, ndim, shape...) of x and of y
+
+
+def shard_bounds(num: int, shards: int, k: int) -> tuple[int, int]:
+    """(start, count) of shard ``k`` of ``num`` items split into ``shards`` contiguous ones, as
+    ``torch.tensor_split`` splits them (the first ``num % shards`` one longer)."""
+    base, extra = divmod(num, shards)
+    return k * base + min(k, extra), base + (1 if k < extra else 0)
+
+
+def _describe(t: torch.Tensor) -> list[int]:
+    if t.dim() > _MAX_DIMS:
+        raise ValueError(f"a batch tensor of {t.dim()} dims (at most {_MAX_DIMS} travel)")
+    return [_DTYPES.index(t.dtype), t.dim(), *t.shape, *[0] * (_MAX_DIMS - t.dim())]
+
+
+def _empty(desc: list[int], device: torch.device) -> torch.Tensor:
+    code, ndim, *shape = desc
+    return torch.empty(shape[:ndim], dtype=_DTYPES[code], device=device)
+
+
+class Request:
+    """What an evaluator judges in one exchange: its shard of the states (packed, uint8 rows)
+    on the generation's batch, with the weights of ``version``."""
+
+    def __init__(self, version: int, packed: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                 receive_s: float):  # fmt: skip
+        self.version, self.packed, self.x, self.y = version, packed, x, y
+        self.receive_s = receive_s  # seconds spent receiving new weights (0 when none came)
+
+
+def _unanswered(failed: dict[int, Exception]) -> RuntimeError:
+    return RuntimeError(f"ranks {sorted(failed)} did not answer: {next(iter(failed.values()))!r}")
+
+
+def _p2p(op, tensors: dict[int, torch.Tensor], timeout_s: float) -> dict[int, Exception]:
+    """``op`` (``dist.isend`` or ``dist.irecv``) with each rank's tensor, all in flight at
+    once; the ranks whose op failed (a peer gone fails at once, a hung one at the timeout)."""
+    works, failed = {}, {}
+    for rank, t in tensors.items():
+        try:
+            works[rank] = op(t, rank)
+        except Exception as e:  # noqa: BLE001 - a dead peer: that rank failed
+            failed[rank] = e
+    for rank, work in works.items():
+        try:
+            work.wait(timeout=timedelta(seconds=timeout_s))
+        except Exception as e:  # noqa: BLE001 - a dead or hung peer: that rank failed
+            failed[rank] = e
+    return failed
