@@ -133,11 +133,27 @@ def test_gloo_broadcast_gives_the_receiver_the_senders_weights(wire):
     assert child.exitcode == 0
 
 
-def test_a_missing_rank_makes_joining_fail_instead_of_hanging():
+def test_a_missing_rank_makes_joining_fail_instead_of_hanging_and_a_retry_forms():
     member = GroupMember(_model(0), torch.device("cpu"), "fp32", bind=False)
     with pytest.raises(Exception, match="(?i)timed? ?out|timeout"):
         member.join(("127.0.0.1", _free_port()), 0, 2, "gloo", 2.0, epoch=0)
     member.leave()
+    # the failed join must not keep this rank from forming a group with a fresh process
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_receiver, args=(port, "fp32", queue), daemon=True)
+    child.start()
+    try:
+        member.join(("127.0.0.1", port), 0, 2, "gloo", 60.0, epoch=1)
+        for version in (3, 4):
+            member.publish(version, 1, pack=True)
+            assert queue.get(timeout=60)[0] == version
+    finally:
+        member.leave()
+        child.join(timeout=60)
+        if child.is_alive():
+            child.kill()
 
 
 def test_wrong_epoch_is_refused_before_any_collective():

@@ -124,6 +124,21 @@ class FlatWeights:
                 module._buffers[leaf] = view
 
 
+def _reset_group_count() -> None:
+    """Number the next default group 0 on every rank, as a fresh process does.
+
+    torch names a process group's rendezvous keys after a per-process counter that
+    ``destroy_process_group`` resets but a *failed* ``init_process_group`` (a rank that timed
+    out) leaves advanced; a rank retrying after a failed formation would then wait for keys no
+    fresh rank writes, and the group could never form again. (The counter is private to
+    ``torch.distributed``; ``tests/test_transport.py`` checks a retry after a failed join.)
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    if not dist.is_initialized():
+        c10d._world.group_count = 0
+
+
 def free_address() -> tuple[str, int]:
     """This node's IP and a port free right now (Ray Train's rendezvous for rank 0)."""
     import ray
@@ -213,6 +228,7 @@ class GroupMember:
             # abort the communicator on a timeout and raise, instead of tearing the process down
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
         ip, port = address
+        _reset_group_count()
         dist.init_process_group(
             backend=backend,
             init_method=f"tcp://{ip}:{port}",
