@@ -361,6 +361,7 @@ class Coordinator:
         t1 = time.perf_counter()
         self._compute: list[float] = []
         self._receive: list[float] = []
+        self._phases: dict[str, float] = {}  # the group exchange's, seen by the trainer
         energies, sync_s = None, 0.0
         if self.transport == "collective":
             energies = self._judge_in_group(candidates, batch[0], version)
@@ -374,7 +375,7 @@ class Coordinator:
         record = self.search.select(energies)
         self.timings.append(
             {"propose_s": t1 - t0, "sync_s": sync_s, "evaluate_s": t3 - t1 - sync_s,
-             "compute_s": self._compute, "receive_s": self._receive,
+             "compute_s": self._compute, "receive_s": self._receive, **self._phases,
              "select_s": time.perf_counter() - t3}
         )  # fmt: skip
         p = self.search.population
@@ -482,6 +483,7 @@ class Coordinator:
         if out["sync"] is not None:
             self.sync_log.append(out["sync"])
         self._compute, self._receive = out["compute_s"], out["receive_s"]
+        self._phases = out["phases"]
         return out["energies"]
 
     def _stop_serving(self) -> None:
