@@ -9,7 +9,8 @@ per generation (medians after a warm-up):
 - trainer step (the driver's round trip to the trainer actor);
 - weight sync: bytes and seconds (the coordinator's wall time for publish + receive, or, when
   the weights go out in the judging round, the slowest receiver's time in the broadcast);
-- batch and states: their bytes; their time is inside "control" below;
+- batch and states: their bytes, and the trainer's time to send them (and each rank's header)
+  in the group exchange; that time is also inside "control" below;
 - energy compute per evaluator (inside the evaluator, max and mean over shards);
 - gather and selection: propose + (evaluate wall - slowest shard's receive + compute) + select
   + the driver's round trip to the coordinator, together "control";
@@ -21,8 +22,8 @@ energies of a briefly trained model.
 
 EXTRAPOLATED to ``--target-model`` at ``--target-input`` on GPUs, with every input named:
 
-    cycle(N, S) = train + sync(N) + compute(2S/N candidates) + control(N)
-    (pipeline: true:  max(train, sync(N) + compute(2S/N)) + control(N))
+    cycle(N, S) = train + sync(N) + inputs(N) + compute(2S/N candidates) + control(N)
+    (pipeline: true:  max(train, sync(N) + inputs(N) + compute(2S/N)) + control(N))
     weak(N)   = cycle(1, s) / cycle(N, s N)          (s = --target-S-per-eval, default 16)
     strong(N) = cycle(1, S) / (N cycle(N, S))        (S = --target-S, default 64)
 
@@ -31,6 +32,8 @@ EXTRAPOLATED to ``--target-model`` at ``--target-input`` on GPUs, with every inp
   training step) at an ASSUMED ``--gpu-tflops`` sustained, with an ASSUMED floor per pass;
 - sync(N) = bytes / bandwidth + latency x ceil(log2(N + 1)) (NCCL broadcast, pipelined):
   ASSUMED ``--intra-gbs`` inside a node of ``--gpus-per-node`` and ``--inter-gbs`` across nodes;
+- inputs(N) = N x batch bytes / bandwidth: the trainer sends each evaluator its own copy of the
+  energy batch (with its shard of the states, point to point);
 - control(N) = a + b (N - 1), fitted (least squares) to the control time MEASURED with
   ``--control-evaluators`` (default 1,2,4,8) evaluators that judge next to nothing (ResNet-18 at
   8 px, 2 states of 2 images per evaluator, weights sent once): Ray's round trips, gather and
@@ -167,6 +170,8 @@ def measure_run(n: int, s: int, args) -> dict[str, float]:
         "control_s": med(control),
         "select_s": med(t["propose_s"] + t["select_s"] for t in tm),
         "batch_bytes": batch_bytes,
+        # the trainer's time to send every rank its header, batch and states (group exchange)
+        "inputs_s": med(t.get("inputs_s", float("nan")) for t in tm),
         "states_bytes": states_bytes,
         "idle": 1.0 - med(comp_mean) / med(cycles[w]),
     }
@@ -310,14 +315,23 @@ def target_inputs(args) -> dict[str, float]:
             per_cand_s = figures["energy_ms_per_candidate"] / MS
             train_s = figures.get("train_step_ms", train_s * MS) / MS
             src = f"MEASURED in {args.gpu_json}"
+    batch_bytes = args.target_batch * (3 * args.target_input**2 * 4 + 8)  # fp32 x, int64 y
     return {"macs": macs, "bytes": nbytes, "per_cand_s": per_cand_s, "train_s": train_s,
-            "compute_source": src}  # fmt: skip
+            "batch_bytes": batch_bytes, "compute_source": src}  # fmt: skip
+
+
+def _gbs(n: int, args) -> float:
+    return args.intra_gbs if n + 1 <= args.gpus_per_node else args.inter_gbs
 
 
 def sync_s(n: int, nbytes: float, args) -> float:
-    ranks = n + 1
-    gbs = args.intra_gbs if ranks <= args.gpus_per_node else args.inter_gbs
-    return nbytes / (gbs * 1e9) + args.latency_us * 1e-6 * math.ceil(math.log2(ranks))
+    return nbytes / (_gbs(n, args) * 1e9) + args.latency_us * 1e-6 * math.ceil(math.log2(n + 1))
+
+
+def inputs_s(n: int, t: dict, args) -> float:
+    """The batch, one copy per evaluator from the trainer (the group exchange sends each rank
+    its inputs point to point), at the same assumed bandwidth as the weights."""
+    return n * t["batch_bytes"] / (_gbs(n, args) * 1e9)
 
 
 def cycle_s(n: int, s: int, t: dict, control, args, pipeline: bool = False) -> float:
@@ -325,7 +339,7 @@ def cycle_s(n: int, s: int, t: dict, control, args, pipeline: bool = False) -> f
     evaluators judge on the weights from before it (``pipeline: true``), so the two overlap."""
     per_eval = math.ceil(2 * s / n)
     compute = max(args.pass_floor_ms / MS, per_eval * t["per_cand_s"])
-    judge = sync_s(n, t["bytes"], args) + compute
+    judge = sync_s(n, t["bytes"], args) + inputs_s(n, t, args) + compute
     return (max(t["train_s"], judge) if pipeline else t["train_s"] + judge) + control(n)
 
 
@@ -352,7 +366,8 @@ def main() -> None:
         f"gloo, {args.threads} thread(s) per process, 2 shared CPU cores (medians, ms)",
         "",
         "| mode | N | S | cycle | trainer step | weight sync (bytes) | energy compute max/mean "
-        "| control (gather+select+RPC) | of which select | batch / states bytes | idle |",
+        "| control (gather+select+RPC) | of which select | batch / states bytes (ms out) "
+        "| idle |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, r in rows:
@@ -361,7 +376,8 @@ def main() -> None:
             f"| {r['sync_s'] * MS:.1f} ({r['sync_bytes'] / 1e6:.1f} MB) "
             f"| {r['compute_max_s'] * MS:.0f} / {r['compute_mean_s'] * MS:.0f} "
             f"| {r['control_s'] * MS:.0f} | {r['select_s'] * MS:.1f} "
-            f"| {r['batch_bytes'] / 1e3:.0f} kB / {r['states_bytes']} B | {100 * r['idle']:.0f} % |"
+            f"| {r['batch_bytes'] / 1e3:.0f} kB / {r['states_bytes']} B "
+            f"({r['inputs_s'] * MS:.1f}) | {100 * r['idle']:.0f} % |"
         )
     gloo = {k: measure_gloo_broadcast(args.target_model, k) for k in (1, 2)}
     lines += ["", f"gloo broadcast of the {args.target_model} {args.target_input} px fp32 buffer "
@@ -409,6 +425,8 @@ def main() -> None:
         ),
         f"- NCCL broadcast: ASSUMED {args.intra_gbs:g} GB/s in a node of {args.gpus_per_node}, "
         f"{args.inter_gbs:g} GB/s across nodes, {args.latency_us:g} us per tree level",
+        f"- the energy batch ({t['batch_bytes'] / 1e6:.2f} MB): one copy per evaluator from the "
+        "trainer, at the same ASSUMED bandwidth",
         f"- control: MEASURED here {c1 * MS:.1f} ms + {slope * MS:.2f} ms per evaluator "
         f"(least squares over N = {', '.join(map(str, cn))} evaluators judging next to nothing), "
         "an upper bound (Ray on 2 shared CPU cores)",
