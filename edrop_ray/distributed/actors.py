@@ -70,6 +70,7 @@ class Trainer:
             train_set, info = data
             self.learner = own.learner(cfg, train_set, info, worker_device(cfg.device))
         self.member: GroupMember | None = None
+        self._batch: tuple[str | None, Any] = (None, None)  # the last energy batch, by task
         self._lock = threading.Lock()  # the model between a training step and a staging
         self._stepping = False
         self._staged = -1  # the weights version in the send buffer
@@ -96,8 +97,19 @@ class Trainer:
                 self._stepping = False
 
     def energy_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next generation's batch (CPU tensors); returned through the object store."""
-        return self.learner.draw_energy_batch()
+        """The next generation's batch (CPU tensors); returned through the object store, and
+        kept here under this call's task id, so that :meth:`judge` need not fetch it back."""
+        batch = self.learner.draw_energy_batch()
+        # (only inside Ray: asking outside it would start a Ray instance)
+        task = ray.get_runtime_context().get_task_id() if ray.is_initialized() else None
+        self._batch = (task, batch)
+        return batch
+
+    def _batch_of(self, ref: ray.ObjectRef) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch behind ``ref`` (a return of :meth:`energy_batch`): the one kept here when
+        it is that one, else from the object store."""
+        task, batch = self._batch
+        return batch if ref.task_id().hex() == task else ray.get(ref)
 
     def weights(self) -> np.ndarray:
         """The current weights and floating BN buffers as one flat fp32 array (CPU), laid out
@@ -162,18 +174,19 @@ class Trainer:
 
     @ray.method(concurrency_group="comm")
     def judge(
-        self, version: int, epoch: int, packed: np.ndarray, batch: tuple[torch.Tensor, torch.Tensor]
+        self, version: int, epoch: int, packed: np.ndarray, batch: list[ray.ObjectRef]
     ) -> dict[str, Any]:
         """Have the serving evaluators judge the ``packed`` candidates (one bit-packed row each)
-        on ``batch`` with weights ``version``, over the group: one call per generation, however
-        many evaluators (:meth:`GroupMember.request`). The weights go out first when the group
-        does not hold them yet (staged as :meth:`publish` stages them)."""
+        on the batch of ``batch`` (``[ref]`` to a return of :meth:`energy_batch`) with weights
+        ``version``, over the group: one call per generation, however many evaluators
+        (:meth:`GroupMember.request`). The weights go out first when the group does not hold
+        them yet (staged as :meth:`publish` stages them)."""
         with self._lock:
             member = self._member()
             send = member.version != version
             if send:
                 self._stage(version)
-        x, y = batch
+        x, y = self._batch_of(batch[0])
         out = member.request(
             version, epoch, torch.from_numpy(packed), x.contiguous(), y.contiguous(),
             send_weights=send,
@@ -469,7 +482,8 @@ class Coordinator:
         else:
             self.serving = {i: self.pool.actors[i].serve.remote(self.epoch) for i in want}
         packed = np.packbits(candidates.cpu().numpy().astype(np.uint8), axis=1)
-        ref = self.trainer.judge.remote(version, self.epoch, packed, batch_ref)
+        # the batch's reference, unresolved: the trainer drew it and still has it
+        ref = self.trainer.judge.remote(version, self.epoch, packed, [batch_ref])
         try:
             out = ray.get(ref, timeout=self.pool.timeout_s + 30)
         except RayActorError as e:
