@@ -27,3 +27,12 @@ def sync(device: torch.device) -> None:
     # CUDA kernels run asynchronously: the clock must wait for them.
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def emit(text: str, out: str) -> None:
+    """Print a benchmark's tables, and write them to ``out`` too when given."""
+    print(text)
+    if out:
+        from pathlib import Path
+
+        Path(out).write_text(text + "\n")

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _common import csv
+from _common import csv, emit
 
 HERE = Path(__file__).resolve().parent
 
@@ -93,10 +93,7 @@ def main() -> None:
         a, b = fit_line([float(n) for n in args.evaluators], list(med.values()))
         cells = " | ".join(f"{med[n] * 1e3:.1f}" for n in args.evaluators)
         lines.append(f"| {name}: {tree} | {cells} | {a * 1e3:.1f} + {b * 1e3:.2f} (N - 1) |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

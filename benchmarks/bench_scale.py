@@ -59,7 +59,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import add_common_args, csv
+from _common import add_common_args, csv, emit
 
 from edrop_ray.cluster import PRIVATE_INSTANCE
 from edrop_ray.config import load_config
@@ -469,10 +469,7 @@ def main() -> None:
         f"| strong, control = 0 | {S} | {zero[0] * MS:.1f} ms | {zero[1] * MS:.1f} ms "
         f"| {zero[0] / (8 * zero[1]):.0%} | | | (bound without Ray's control cost) |"
     )
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -252,6 +252,14 @@ def _serve_group(world: int, die: dict[int, int]):
     return member, sender, children, queue
 
 
+def _end_group(member: GroupMember, children) -> None:
+    member.leave()
+    for c in children:
+        c.join(timeout=60)
+        if c.is_alive():
+            c.kill()
+
+
 def test_one_exchange_judges_every_shard_in_candidate_order_and_stops_the_ranks():
     import numpy as np
 
@@ -275,11 +283,7 @@ def test_one_exchange_judges_every_shard_in_candidate_order_and_stops_the_ranks(
         assert [g[:3] for g in got] == [(1, 2, 7), (2, 2, 7)]  # both served twice, weights 7
         assert all(g[3] == fc for g in got)  # ...and hold the sender's weights
     finally:
-        member.leave()
-        for c in children:
-            c.join(timeout=60)
-            if c.is_alive():
-                c.kill()
+        _end_group(member, children)
     assert [c.exitcode for c in children] == [0, 0]
 
 
@@ -302,9 +306,5 @@ def test_a_rank_dead_between_exchanges_fails_the_next_fast_and_frees_the_others(
         # rank 1 was told ABORT and left its loop, free for the coordinator
         assert queue.get(timeout=60)[:2] == (1, 1)
     finally:
-        member.leave()
-        for c in children:
-            c.join(timeout=60)
-            if c.is_alive():
-                c.kill()
+        _end_group(member, children)
     assert children[0].exitcode == 0 and children[1].exitcode == 1
