@@ -296,7 +296,7 @@ class GroupMember:
 
         Returns the energies in candidate order, each rank's compute and receive seconds, and
         the weights' broadcast figures (None when none went out). Raises RuntimeError naming
-        the ranks that did not answer; the others were told to stop.
+        the ranks that did not answer (when their headers failed, the others were told ABORT).
         """
         self._check(epoch)
         t_start = time.perf_counter()
@@ -327,9 +327,8 @@ class GroupMember:
             dist.broadcast(self.wire, src=0)
             self.version = version
             sync = {"bytes": self.nbytes, "broadcast_s": time.perf_counter() - t0}
-        shards = len(ranks)
         out = {
-            r: torch.empty(shard_bounds(packed.shape[0], shards, r - 1)[1] + 3,
+            r: torch.empty(shard_bounds(num, shards, r - 1)[1] + 3,
                            dtype=torch.float64, device=dev)
             for r in ranks
         }  # fmt: skip
