@@ -39,6 +39,8 @@ __all__ = [
     "read_population",
     "save_checkpoint",
     "load_checkpoint",
+    "pack_rows",
+    "unpack_rows",
     "pack_states",
     "unpack_states",
 ]
@@ -114,20 +116,31 @@ def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     _write_table(path, pa.Table.from_pylist(rows))
 
 
-def pack_states(states: torch.Tensor) -> list[bytes]:
-    """(S, D) bool -> S bit-packed byte strings (D/8 bytes each)."""
+def pack_rows(states: torch.Tensor):
+    """(S, D) bool -> (S, ceil(D/8)) uint8 numpy array, one bit-packed row per state."""
     import numpy as np
 
-    bits = states.cpu().numpy().astype(np.uint8)
-    return [np.packbits(row).tobytes() for row in bits]
+    return np.packbits(states.cpu().numpy().astype(np.uint8), axis=1)
+
+
+def unpack_rows(rows, num_units: int) -> torch.Tensor:
+    """The reverse of :func:`pack_rows`: (S, ceil(D/8)) uint8 -> (S, D) bool (CPU)."""
+    import numpy as np
+    import torch
+
+    bits = np.unpackbits(np.asarray(rows, dtype=np.uint8), axis=1)[:, :num_units]
+    return torch.from_numpy(bits.astype(bool))
+
+
+def pack_states(states: torch.Tensor) -> list[bytes]:
+    """(S, D) bool -> S bit-packed byte strings (D/8 bytes each)."""
+    return [row.tobytes() for row in pack_rows(states)]
 
 
 def unpack_states(packed: list[bytes], num_units: int) -> torch.Tensor:
     import numpy as np
-    import torch
 
-    rows = [np.unpackbits(np.frombuffer(b, dtype=np.uint8))[:num_units] for b in packed]
-    return torch.from_numpy(np.stack(rows).astype(bool))
+    return unpack_rows(np.stack([np.frombuffer(b, dtype=np.uint8) for b in packed]), num_units)
 
 
 def write_population(path: Path, rows: list[dict[str, Any]]) -> None:

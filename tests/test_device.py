@@ -307,3 +307,114 @@ def test_bf16_autocast_and_channels_last_keep_the_invariants(data, channels_last
     # bf16 keeps 8 bits of mantissa: both sides round differently, within a few percent
     torch.testing.assert_close(slimmed, masked, rtol=0, atol=0.05 * scale + 1e-2)
     torch.testing.assert_close(masked, exact, rtol=0, atol=0.05 * scale + 1e-2)
+
+
+class _DeviceWire:
+    """``torch.distributed`` as NCCL sees it, in one process: ranks are threads, and every
+    tensor handed to a send, receive or broadcast must live on the rank's device (NCCL takes
+    only CUDA tensors), else AssertionError."""
+
+    def __init__(self, world: int, device: torch.device):
+        import queue
+        import threading
+
+        self.world, self.device = world, device
+        self.local = threading.local()
+        self.boxes: dict = {}
+        self._lock = threading.Lock()
+        self._queue = queue.Queue
+
+    def _box(self, key):
+        with self._lock:
+            return self.boxes.setdefault(key, self._queue())
+
+    def _on_device(self, t: torch.Tensor, op: str) -> None:
+        assert t.device == self.device, f"{op} of a {t.device} tensor; the rank is on {self.device}"
+
+    class _Done:
+        def wait(self, timeout=None):
+            return True
+
+    def get_rank(self) -> int:
+        return self.local.rank
+
+    def get_world_size(self) -> int:
+        return self.world
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def isend(self, t, dst):
+        self._on_device(t, "send")
+        self._box((self.get_rank(), dst)).put(t.clone())
+        return self._Done()
+
+    def irecv(self, t, src):
+        self._on_device(t, "recv")
+        t.copy_(self._box((src, self.get_rank())).get(timeout=20))
+        return self._Done()
+
+    def send(self, t, dst):
+        self.isend(t, dst)
+
+    def recv(self, t, src):
+        self.irecv(t, src)
+
+    def broadcast(self, t, src):
+        self._on_device(t, "broadcast")
+        if self.get_rank() == src:
+            for r in range(self.world):
+                if r != src:
+                    self._box(("bcast", r)).put(t.clone())
+        else:
+            t.copy_(self._box(("bcast", self.get_rank())).get(timeout=20))
+
+
+def test_the_group_exchange_keeps_every_wire_tensor_on_the_ranks_device(data, monkeypatch):
+    """Trainer.judge and Evaluator.serve, as on NCCL ranks: what they send, receive and
+    broadcast lives on the model's device, never the CPU states' or batch's, and the energies
+    are the ones the evaluator computes in process."""
+    import threading
+
+    from edrop_ray.distributed import actors, transport
+    from edrop_ray.files import pack_rows
+
+    train_set, _test, info = data
+    cfg = tiny()
+    states = Search.from_config(cfg, Learner(cfg, train_set, info, CPU).units.num_units).propose()
+    with other_device() as dev:
+        wire = _DeviceWire(3, dev)
+        monkeypatch.setattr(transport, "dist", wire)
+        monkeypatch.setattr(actors, "worker_device", lambda _name: dev)
+        trainer = actors.Trainer(cfg, 1.0)
+        evaluators = [actors.Evaluator(cfg, info, i) for i in range(2)]
+        for rank, who in enumerate([trainer, *evaluators]):
+            member = transport.GroupMember(who.learner.model if rank == 0 else who.model, dev,
+                                           "fp32", bind=rank > 0)  # fmt: skip
+            member.epoch = 0
+            who.member = member
+        ended = [None, None]
+
+        def serve(k):
+            wire.local.rank = k + 1
+            with other_device():  # the device's guard is per thread
+                ended[k] = evaluators[k].serve(0)
+
+        threads = [threading.Thread(target=serve, args=(k,)) for k in range(2)]
+        for th in threads:
+            th.start()
+        wire.local.rank = 0
+        x, y = trainer.energy_batch()  # kept by the trainer (outside Ray, under no task id)
+        ref = type("Ref", (), {"task_id": lambda self: type("T", (), {"hex": lambda s: None})()})
+        out = trainer.judge(trainer.learner.step, 0, pack_rows(states), [ref()])
+        assert trainer.member.stop(0, [1, 2]) == [1, 2]
+        for th in threads:
+            th.join(timeout=120)
+        want = torch.cat([
+            ev._judge(part, x.to(dev), y.to(dev))
+            for ev, part in zip(evaluators, torch.tensor_split(states, 2), strict=True)
+        ])  # fmt: skip
+    assert [e["ended"] for e in ended] == ["stopped", "stopped"]
+    assert [e["served"] for e in ended] == [1, 1]
+    assert out["sync"] is not None  # the weights went out, from the model's device
+    torch.testing.assert_close(out["energies"], want.cpu(), rtol=0, atol=0)

@@ -29,7 +29,7 @@ from ..config import Config
 from ..data import DataInfo, load_for
 from ..devices import set_cpu_threads, worker_device
 from ..energy import compute_energies
-from ..files import pack_states, unpack_states
+from ..files import pack_rows, pack_states, unpack_rows, unpack_states
 from ..learner import Learner
 from ..models import build_replica, replica_of
 from ..search import Search
@@ -188,7 +188,7 @@ class Trainer:
                 self._stage(version)
         x, y = self._batch_of(batch[0])
         out = member.request(
-            version, epoch, torch.from_numpy(packed), x.contiguous(), y.contiguous(),
+            version, epoch, torch.tensor(packed), x.contiguous(), y.contiguous(),
             send_weights=send,
         )  # fmt: skip
         if out["sync"] is not None:
@@ -317,8 +317,7 @@ class Evaluator:
             while (req := self.member.next_request(epoch)) is not None:
                 self.version = self.member.version
                 t0 = time.perf_counter()
-                bits = np.unpackbits(req.packed.cpu().numpy(), axis=1)[:, : self.units.num_units]
-                states = torch.from_numpy(bits.astype(bool))
+                states = unpack_rows(req.packed.cpu().numpy(), self.units.num_units)
                 if states.shape[0]:
                     energies = self._judge(states, req.x, req.y)
                 else:  # more ranks than candidates: nothing to judge
@@ -481,7 +480,7 @@ class Coordinator:
                 return None
         else:
             self.serving = {i: self.pool.actors[i].serve.remote(self.epoch) for i in want}
-        packed = np.packbits(candidates.cpu().numpy().astype(np.uint8), axis=1)
+        packed = pack_rows(candidates)
         # the batch's reference, unresolved: the trainer drew it and still has it
         ref = self.trainer.judge.remote(version, self.epoch, packed, [batch_ref])
         try:

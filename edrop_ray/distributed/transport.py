@@ -311,11 +311,15 @@ class GroupMember:
         # told ABORT in their inputs, before any collective, and the exchange fails. The
         # inputs go out right behind the headers: a rank wakes once for both.
         flag = torch.tensor([ABORT if failed else GO], dtype=torch.int64)
+        # one copy to the device of what every rank gets, one of all the states; each rank's
+        # message is then a concatenation there
+        common = _as_bytes([flag, x, y]).to(dev)
+        rows = packed.to(dev)
         inputs = {}
         for r in ranks:
             if r not in failed:
                 start, count = shard_bounds(num, shards, r - 1)
-                inputs[r] = _as_bytes([flag, x, y, packed[start : start + count]]).to(dev)
+                inputs[r] = torch.cat([common, rows[start : start + count].reshape(-1)])
         more, failed_inputs = _post(dist.isend, inputs)
         failed |= failed_inputs | _wait(works, t) | _wait(more, t)
         if failed:
@@ -366,7 +370,7 @@ class GroupMember:
         dev = self.device
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=dev)
         dist.recv(header, src=0)
-        h = header.tolist()
+        h = header.cpu().tolist()  # one device -> host copy
         if h[0] == STOP:
             return None
         version, new, num, width = h[1:_HEAD]
