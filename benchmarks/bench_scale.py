@@ -34,12 +34,20 @@ EXTRAPOLATED to ``--target-model`` at ``--target-input`` on GPUs, with every inp
   ASSUMED ``--intra-gbs`` inside a node of ``--gpus-per-node`` and ``--inter-gbs`` across nodes;
 - inputs(N) = N x batch bytes / bandwidth: the trainer sends each evaluator its own copy of the
   energy batch (with its shard of the states, point to point);
-- control(N) = a + b (N - 1), fitted (least squares) to the control time MEASURED with
-  ``--control-evaluators`` (default 1,2,4,8) evaluators that judge next to nothing (ResNet-18 at
-  8 px, 2 states of 2 images per evaluator, weights sent once): Ray's round trips, gather and
-  selection without the compute runs' CPU contention. It is still CPU time of Ray and Python on
-  this 2-core box, shared by up to 8 evaluator processes: an upper bound. The fit from the
-  compute runs (N = 1, 2, contended) is printed beside it.
+- control(N), two ways, from ``--control-evaluators`` (default 1,2,4,8) evaluators that
+  judge next to nothing (ResNet-18 at 8 px, 2 states of 2 images per evaluator, weights sent
+  once): Ray's round trips, the exchange, gather and selection without the compute runs' CPU
+  contention.
+  * 2-core wall: a + b (N - 1), fitted (least squares) to the wall time MEASURED here. An
+    upper bound: up to 8 evaluator processes and the chain share 2 cores, so each rank's work
+    queues behind the others'.
+  * each process on its own cores: the same a (N = 1, MEASURED), then per evaluator the slope
+    of the CPU seconds MEASURED (Linux schedstat, all threads, around each generation only) in
+    the chain every generation runs through in turn (driver, coordinator, trainer: rank 0
+    sends, receives and unpacks for each rank), plus the slope of the busiest evaluator's CPU
+    seconds, plus ``--rank-net-us`` ASSUMED on the network per evaluator. The evaluators' own
+    work runs in parallel there, so only its slope counts.
+  The compute runs' fit (N = 1, 2, contended) is printed beside them.
 
 N counts evaluator GPUs; the trainer has its own GPU in addition.
 
@@ -92,6 +100,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--inter-gbs", type=float, default=25.0, help="ASSUMED NCCL GB/s, across")
     p.add_argument("--latency-us", type=float, default=20.0, help="ASSUMED per broadcast hop")
     p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument(
+        "--rank-net-us", type=float, default=30.0,
+        help="ASSUMED network microseconds per evaluator in the exchange",
+    )  # fmt: skip
     p.add_argument("--out", default="", help="also write the tables (markdown) here")
     add_common_args(p)
     return p.parse_args()
@@ -177,9 +189,30 @@ def measure_run(n: int, s: int, args) -> dict[str, float]:
     }
 
 
-def measure_control(n: int, args, generations: int = 12) -> float:
-    """Median control seconds per generation with ``n`` evaluators that judge next to nothing:
-    the driver's generation wall time less the slowest shard's compute (weights sent once)."""
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds a process of this machine has run, all its threads, to the nanosecond
+    (Linux schedstat; /proc/PID/stat counts in 10 ms ticks, too coarse for one generation)."""
+    if pid == os.getpid():
+        return time.process_time()
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that ended between the listing and the read
+    return total / 1e9
+
+
+def _pid(_actor) -> int:
+    return os.getpid()
+
+
+def measure_control(n: int, args, generations: int = 12) -> dict[str, float]:
+    """Control seconds per generation with ``n`` evaluators that judge next to nothing (the
+    driver's generation wall time less the slowest shard's compute; weights sent once), and
+    the CPU seconds each process spent on it: the chain every generation runs through in turn
+    (driver, coordinator, trainer: rank 0 of the exchange) and the evaluators (the busiest).
+    CPU is read from /proc around each generation only, so the training steps are left out."""
     import ray
 
     cfg = load_config(
@@ -194,18 +227,31 @@ def measure_control(n: int, args, generations: int = 12) -> float:
     )  # fmt: skip
     runtime, info = start_runtime(cfg)
     try:
-        gens = []
+        chain = [os.getpid(), ray.get(runtime.coordinator.__ray_call__.remote(_pid), timeout=60)]
+        chain.append(ray.get(runtime.trainer.identity.remote(), timeout=60)["pid"])
+        evals = [i["pid"] for i in runtime.identities()]
+        gens, chain_cpu, eval_cpu = [], [], []
         for _ in range(2 + generations):
+            e0, c0 = [cpu_seconds(p) for p in evals], [cpu_seconds(p) for p in chain]
             t0 = time.perf_counter()
             runtime.search.run_generation(runtime.learner)
             gens.append(time.perf_counter() - t0)
+            c1, e1 = [cpu_seconds(p) for p in chain], [cpu_seconds(p) for p in evals]
+            chain_cpu.append(sum(c1) - sum(c0))
+            eval_cpu.append(max(b - a for a, b in zip(e0, e1, strict=True)))
             runtime.learner.train(runtime.search.best)
         timings, _syncs = ray.get(runtime.coordinator.timing_log.remote(), timeout=120)
     finally:
         runtime.shutdown()
-    return statistics.median(
-        g - t["sync_s"] - max(t["compute_s"]) for g, t in zip(gens[2:], timings[2:], strict=True)
-    )
+    med = statistics.median
+    return {
+        "wall_s": med(
+            g - t["sync_s"] - max(t["compute_s"])
+            for g, t in zip(gens[2:], timings[2:], strict=True)
+        ),
+        "chain_cpu_s": med(chain_cpu[2:]),
+        "eval_cpu_s": med(eval_cpu[2:]),
+    }
 
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -352,7 +398,7 @@ def main() -> None:
 
     ray.init(num_cpus=4, **PRIVATE_INSTANCE)
     rows = []
-    controls: dict[int, float] = {}
+    controls: dict[int, dict[str, float]] = {}
     try:
         for n in args.evaluators:
             rows.append(("strong", measure_run(n, args.S, args)))
@@ -394,19 +440,31 @@ def main() -> None:
     weak = {r["N"]: r for mode, r in rows if mode == "weak"}
     ns = sorted(weak)
     heavy = fit_line([float(n) for n in ns], [weak[n]["control_s"] for n in ns])
-    cn = sorted(controls)
-    c1, slope = fit_line([float(n) for n in cn], [controls[n] for n in cn])
+    cn = [float(n) for n in sorted(controls)]
+    c1, slope = fit_line(cn, [controls[n]["wall_s"] for n in sorted(controls)])
+    chain = fit_line(cn, [controls[n]["chain_cpu_s"] for n in sorted(controls)])
+    busiest = fit_line(cn, [controls[n]["eval_cpu_s"] for n in sorted(controls)])
+    per_rank = chain[1] + busiest[1] + args.rank_net_us * 1e-6
     lines += [
         "",
-        "Control path alone (MEASURED, evaluators that judge next to nothing, medians): "
-        + ", ".join(f"N = {n}: {controls[n] * MS:.1f} ms" for n in cn)
-        + f"; fit {c1 * MS:.1f} ms + {slope * MS:.2f} ms per evaluator (the compute runs' "
-        f"N = {ns[0]}..{ns[-1]} fit, contended: {heavy[0] * MS:.1f} ms + "
+        "Control path alone (MEASURED, evaluators that judge next to nothing, medians; wall, "
+        "then CPU of the chain driver + coordinator + trainer, then CPU of the busiest "
+        "evaluator): "
+        + ", ".join(
+            f"N = {n}: {c['wall_s'] * MS:.1f} / {c['chain_cpu_s'] * MS:.1f} / "
+            f"{c['eval_cpu_s'] * MS:.1f} ms"
+            for n, c in sorted(controls.items())
+        )
+        + f". Fits: wall {c1 * MS:.1f} ms + {slope * MS:.2f} ms per evaluator, chain CPU "
+        f"{chain[0] * MS:.1f} ms + {chain[1] * MS:.3f} ms, busiest evaluator CPU "
+        f"{busiest[0] * MS:.1f} ms + {busiest[1] * MS:.3f} ms (the compute runs' "
+        f"N = {ns[0]}..{ns[-1]} wall fit, contended: {heavy[0] * MS:.1f} ms + "
         f"{heavy[1] * MS:.2f} ms per evaluator)",
     ]
-
-    def control(n: int) -> float:
-        return c1 + slope * (n - 1)
+    models = {
+        "2-core wall (upper bound)": lambda n: c1 + slope * (n - 1),
+        "each process on its own cores": lambda n: c1 + per_rank * (n - 1),
+    }
 
     t = target_inputs(args)
     lines += [
@@ -427,47 +485,38 @@ def main() -> None:
         f"{args.inter_gbs:g} GB/s across nodes, {args.latency_us:g} us per tree level",
         f"- the energy batch ({t['batch_bytes'] / 1e6:.2f} MB): one copy per evaluator from the "
         "trainer, at the same ASSUMED bandwidth",
-        f"- control: MEASURED here {c1 * MS:.1f} ms + {slope * MS:.2f} ms per evaluator "
-        f"(least squares over N = {', '.join(map(str, cn))} evaluators judging next to nothing), "
-        "an upper bound (Ray on 2 shared CPU cores)",
+        f"- control, 2-core wall: MEASURED here {c1 * MS:.1f} ms + {slope * MS:.2f} ms per "
+        f"evaluator (least squares over N = {', '.join(str(int(n)) for n in cn)} evaluators "
+        "judging next to nothing). An upper bound: up to 8 evaluator processes and the chain "
+        "share 2 cores, so every rank's work queues behind the others'",
+        f"- control, each process on its own cores: the same {c1 * MS:.1f} ms at N = 1 "
+        f"(MEASURED), then per evaluator the chain's CPU {chain[1] * MS:.3f} ms (MEASURED: "
+        "rank 0 sends, receives and unpacks for each rank in turn), the busiest evaluator's "
+        f"CPU {busiest[1] * MS:.3f} ms (MEASURED) and {args.rank_net_us:g} us on the network "
+        "(ASSUMED: header, inputs and answer); the evaluators' own work runs in parallel",
         "",
-        "| scaling | S | N = 1 cycle | N = 8 cycle | eff. 8 | N = 64 cycle | eff. 64 | target |",
-        "|---|---|---|---|---|---|---|---|",
+        "| scaling | S | control | N = 1 cycle | N = 8 cycle | eff. 8 | N = 64 cycle | eff. 64 "
+        "| target |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    s = args.target_S_per_eval
-    w = [cycle_s(n, s * n, t, control, args) for n in (1, 8, 64)]
-    lines.append(
-        f"| weak | {s} per GPU | {w[0] * MS:.1f} ms | {w[1] * MS:.1f} ms | {w[0] / w[1]:.0%} "
-        f"| {w[2] * MS:.1f} ms | {w[0] / w[2]:.0%} | >= 90 % at 8, >= 80 % at 64 |"
-    )
-    # the fitted slope rests on two noisy points (N = 1, 2): the same with 1 ms per evaluator
-    w1 = [cycle_s(n, s * n, t, lambda n: c1 + 1e-3 * (n - 1), args) for n in (1, 8, 64)]
-    lines.append(
-        f"| weak, control +1 ms per evaluator (sensitivity) | {s} per GPU | {w1[0] * MS:.1f} ms "
-        f"| {w1[1] * MS:.1f} ms | {w1[0] / w1[1]:.0%} | {w1[2] * MS:.1f} ms | {w1[0] / w1[2]:.0%} "
-        "| |"
-    )
-    S = args.target_S
-    st = [cycle_s(n, S, t, control, args) for n in (1, 8, 64)]
-    lines.append(
-        f"| strong | {S} | {st[0] * MS:.1f} ms | {st[1] * MS:.1f} ms | {st[0] / (8 * st[1]):.0%} "
-        f"| {st[2] * MS:.1f} ms | {st[0] / (64 * st[2]):.0%} | >= 60 % at 8 |"
-    )
-    # pipeline: true overlaps the trainer's step with the judging (one step stale weights)
-    wp = [cycle_s(n, s * n, t, control, args, pipeline=True) for n in (1, 8, 64)]
-    lines.append(
-        f"| weak, pipeline: true | {s} per GPU | {wp[0] * MS:.1f} ms | {wp[1] * MS:.1f} ms "
-        f"| {wp[0] / wp[1]:.0%} | {wp[2] * MS:.1f} ms | {wp[0] / wp[2]:.0%} | |"
-    )
-    sp = [cycle_s(n, S, t, control, args, pipeline=True) for n in (1, 8, 64)]
-    lines.append(
-        f"| strong, pipeline: true | {S} | {sp[0] * MS:.1f} ms | {sp[1] * MS:.1f} ms "
-        f"| {sp[0] / (8 * sp[1]):.0%} | {sp[2] * MS:.1f} ms | {sp[0] / (64 * sp[2]):.0%} | |"
-    )
+    s, S = args.target_S_per_eval, args.target_S
+    for pipeline in (False, True):
+        for name, control in models.items():
+            w = [cycle_s(n, s * n, t, control, args, pipeline) for n in (1, 8, 64)]
+            st = [cycle_s(n, S, t, control, args, pipeline) for n in (1, 8, 64)]
+            tag = ", pipeline: true" if pipeline else ""
+            lines += [
+                f"| weak{tag} | {s} per GPU | {name} | {w[0] * MS:.1f} ms | {w[1] * MS:.1f} ms "
+                f"| {w[0] / w[1]:.0%} | {w[2] * MS:.1f} ms | {w[0] / w[2]:.0%} "
+                f"| {'' if pipeline else '>= 90 % at 8, >= 80 % at 64'} |",
+                f"| strong{tag} | {S} | {name} | {st[0] * MS:.1f} ms | {st[1] * MS:.1f} ms "
+                f"| {st[0] / (8 * st[1]):.0%} | {st[2] * MS:.1f} ms | {st[0] / (64 * st[2]):.0%} "
+                f"| {'' if pipeline else '>= 60 % at 8'} |",
+            ]
     zero = [cycle_s(n, S, t, lambda n: 0.0, args) for n in (1, 8)]
     lines.append(
-        f"| strong, control = 0 | {S} | {zero[0] * MS:.1f} ms | {zero[1] * MS:.1f} ms "
-        f"| {zero[0] / (8 * zero[1]):.0%} | | | (bound without Ray's control cost) |"
+        f"| strong | {S} | none (the bound) | {zero[0] * MS:.1f} ms | {zero[1] * MS:.1f} ms "
+        f"| {zero[0] / (8 * zero[1]):.0%} | | | |"
     )
     emit("\n".join(lines), args.out)
 

@@ -9,10 +9,13 @@ never units. Nothing here knows an architecture by name.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import torch_pruning as tp
 from torch import nn
+
+if TYPE_CHECKING:
+    import torch_pruning as tp
 
 __all__ = ["UnitGroup", "Units", "discover_units", "find_classifier", "build_dependency"]
 
@@ -84,6 +87,10 @@ def find_classifier(model: nn.Module, example_inputs: torch.Tensor) -> nn.Module
 
 def build_dependency(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
     """Trace ``model`` once with Torch-Pruning (BN statistics are left untouched)."""
+    # imported here, not at the top: it pulls in torchvision (and torch._dynamo), seconds of
+    # CPU that a process holding only states (the coordinator) never needs
+    import torch_pruning as tp
+
     was_training = model.training
     model.eval()  # tracing runs a forward pass; eval keeps BN running stats unchanged
     try:

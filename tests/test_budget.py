@@ -188,7 +188,7 @@ def test_counter_pickles_to_the_ray_coordinator():
     import pickle
 
     from edrop_ray.config import Config
-    from edrop_ray.distributed.actors import Coordinator
+    from edrop_ray.distributed.coordinator import Coordinator
 
     torch.manual_seed(0)
     model = ConcatNet()

@@ -287,3 +287,34 @@ def test_a_failure_while_the_actors_start_kills_them(cluster, tmp_path, monkeypa
         with pytest.raises(RayActorError):
             ray.get(call, timeout=60)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_coordinator_boots_without_the_model_code_and_the_trainer_takes_the_drivers_data(
+    cluster,
+):
+    """The coordinator holds states, never a model: its process must not import torchvision,
+    Torch-Pruning or scikit-learn (seconds of CPU per process; it imports the actors' module to
+    unpickle its handles to them). A data set the driver holds in memory goes to the trainer,
+    which then never reads it again (digits: no scikit-learn in the trainer either)."""
+
+    def heavy_modules(_actor) -> list[str]:  # defined here: pickled by value, run in the actor
+        import sys
+
+        return sorted(m for m in ("torchvision", "torch_pruning", "sklearn") if m in sys.modules)
+
+    cfg = load_config(TINY, [*SAME, "num_evaluators=1"])
+    train_set, _test, info = load_datasets(cfg.dataset, data_root=".", input_size=cfg.input_size)
+    local = Learner(cfg, train_set, info, torch.device("cpu"))
+    runtime = RayRuntime(cfg, info, local.units.num_units, train_set=train_set)
+    try:
+        coordinator, trainer, evaluator = (
+            ray.get(a.__ray_call__.remote(heavy_modules), timeout=120)
+            for a in (runtime.coordinator, runtime.trainer, runtime.evaluators[0])
+        )
+        steps = ray.get(runtime.trainer.info.remote(), timeout=60)["total_steps"]
+    finally:
+        runtime.shutdown()
+    assert coordinator == []
+    # the actors that hold a model do import the model code (the check above can fail)
+    assert trainer == evaluator == ["torch_pruning", "torchvision"]
+    assert steps == local.total_steps

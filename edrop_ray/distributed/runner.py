@@ -23,19 +23,15 @@ from ray.util.scheduling_strategies import (
     NodeAffinitySchedulingStrategy,
     PlacementGroupSchedulingStrategy,
 )
+from torch.utils.data import TensorDataset
 
 from ..config import Config
 from ..data import DataInfo
 from ..errors import UserError
 from ..learner import Learner
-from .actors import (
-    CONCURRENCY_GROUPS,
-    EVALUATOR_GROUPS,
-    Coordinator,
-    Evaluator,
-    InputsLost,
-    Trainer,
-)
+from .actors import CONCURRENCY_GROUPS, EVALUATOR_GROUPS, Evaluator, Trainer
+from .coordinator import Coordinator
+from .pool import InputsLost
 from .transport import choose_transport
 
 __all__ = ["RayRuntime", "RemoteLearner", "RemoteSearch", "connect", "plan_resources"]
@@ -132,7 +128,12 @@ class RayRuntime:
         cfg = self.cfg
         own_ref = data_ref = None
         if own is not None:  # one copy in the object store, read by every actor
-            own_ref, data_ref = ray.put(own), ray.put((train_set, info))
+            own_ref = ray.put(own)
+        if own is not None or isinstance(train_set, TensorDataset):
+            # a user's data, or a set the driver already holds in memory (digits, the MNIST
+            # test split): the trainer takes the driver's copy instead of reading it again;
+            # sets read from files are read where the trainer runs
+            data_ref = ray.put((train_set, info))
         cluster = ray.cluster_resources()
         n, per_eval, trainer_gpus = plan_resources(cfg, cluster)
         # auto: a private instance lends the trainer every core (it and the evaluators take
