@@ -203,10 +203,6 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
-def _pid(_actor) -> int:
-    return os.getpid()
-
-
 def measure_control(n: int, args, generations: int = 12) -> dict[str, float]:
     """Control seconds per generation with ``n`` evaluators that judge next to nothing (the
     driver's generation wall time less the slowest shard's compute; weights sent once), and
@@ -225,12 +221,15 @@ def measure_control(n: int, args, generations: int = 12) -> dict[str, float]:
             "diversity_threshold=0", f"seed={args.seed}",
         ],
     )  # fmt: skip
+    def pid(_actor) -> int:  # defined here: pickled by value, run in the actor
+        return os.getpid()
+
     runtime, info = start_runtime(cfg)
     try:
-        chain = [os.getpid(), ray.get(runtime.coordinator.__ray_call__.remote(_pid), timeout=60)]
+        chain = [os.getpid(), ray.get(runtime.coordinator.__ray_call__.remote(pid), timeout=60)]
         chain.append(ray.get(runtime.trainer.identity.remote(), timeout=60)["pid"])
         evals = [i["pid"] for i in runtime.identities()]
-        gens, chain_cpu, eval_cpu = [], [], []
+        gens, chain_cpu, eval_cpu, roles = [], [], [], []
         for _ in range(2 + generations):
             e0, c0 = [cpu_seconds(p) for p in evals], [cpu_seconds(p) for p in chain]
             t0 = time.perf_counter()
@@ -238,6 +237,7 @@ def measure_control(n: int, args, generations: int = 12) -> dict[str, float]:
             gens.append(time.perf_counter() - t0)
             c1, e1 = [cpu_seconds(p) for p in chain], [cpu_seconds(p) for p in evals]
             chain_cpu.append(sum(c1) - sum(c0))
+            roles.append([b - a for a, b in zip(c0, c1, strict=True)])
             eval_cpu.append(max(b - a for a, b in zip(e0, e1, strict=True)))
             runtime.learner.train(runtime.search.best)
         timings, _syncs = ray.get(runtime.coordinator.timing_log.remote(), timeout=120)
@@ -251,6 +251,9 @@ def measure_control(n: int, args, generations: int = 12) -> dict[str, float]:
         ),
         "chain_cpu_s": med(chain_cpu[2:]),
         "eval_cpu_s": med(eval_cpu[2:]),
+        "driver_cpu_s": med(r[0] for r in roles[2:]),
+        "coordinator_cpu_s": med(r[1] for r in roles[2:]),
+        "trainer_cpu_s": med(r[2] for r in roles[2:]),
     }
 
 
