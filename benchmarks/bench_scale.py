@@ -22,8 +22,8 @@ energies of a briefly trained model.
 
 EXTRAPOLATED to ``--target-model`` at ``--target-input`` on GPUs, with every input named:
 
-    cycle(N, S) = train + sync(N) + inputs(N) + compute(2S/N candidates) + control(N)
-    (pipeline: true:  max(train, sync(N) + inputs(N) + compute(2S/N)) + control(N))
+    cycle(N, S) = train + sync(N) + inputs(N) + compute(2S/N candidates) + control(N) + de(S)
+    (pipeline: true:  max(train, sync(N) + inputs(N) + compute(2S/N)) + control(N) + de(S))
     weak(N)   = cycle(1, s) / cycle(N, s N)          (s = --target-S-per-eval, default 16)
     strong(N) = cycle(1, S) / (N cycle(N, S))        (S = --target-S, default 64)
 
@@ -34,20 +34,18 @@ EXTRAPOLATED to ``--target-model`` at ``--target-input`` on GPUs, with every inp
   ASSUMED ``--intra-gbs`` inside a node of ``--gpus-per-node`` and ``--inter-gbs`` across nodes;
 - inputs(N) = N x batch bytes / bandwidth: the trainer sends each evaluator its own copy of the
   energy batch (with its shard of the states, point to point);
-- control(N), two ways, from ``--control-evaluators`` (default 1,2,4,8) evaluators that
-  judge next to nothing (ResNet-18 at 8 px, 2 states of 2 images per evaluator, weights sent
-  once): Ray's round trips, the exchange, gather and selection without the compute runs' CPU
-  contention.
-  * 2-core wall: a + b (N - 1), fitted (least squares) to the wall time MEASURED here. An
-    upper bound: up to 8 evaluator processes and the chain share 2 cores, so each rank's work
-    queues behind the others'.
-  * each process on its own cores: the same a (N = 1, MEASURED), then per evaluator the slope
-    of the CPU seconds MEASURED (Linux schedstat, all threads, around each generation only) in
-    the chain every generation runs through in turn (driver, coordinator, trainer: rank 0
-    sends, receives and unpacks for each rank), plus the slope of the busiest evaluator's CPU
-    seconds, plus ``--rank-net-us`` ASSUMED on the network per evaluator. The evaluators' own
-    work runs in parallel there, so only its slope counts.
-  The compute runs' fit (N = 1, 2, contended) is printed beside them.
+- de(S): the coordinator's own work at the target's population and unit count, MEASURED in
+  this process on one thread (propose: DE's draws and bit operations on (S, D) states; pack;
+  select). It grows with S, so in weak scaling with N, and runs on one core of one process;
+- control(N) = a + b (N - 1), fitted (least squares) to the wall time MEASURED with
+  ``--control-evaluators`` (default 1,2,4,8) evaluators that judge next to nothing (ResNet-18 at
+  8 px, 2 states of 2 images per evaluator, weights sent once): Ray's round trips, the
+  exchange, gather and selection without the compute runs' contention. Beside it, the CPU
+  seconds each process spent (Linux schedstat, all threads, around each generation only): the
+  chain every generation runs through in turn (driver, coordinator, trainer: rank 0 sends,
+  receives and unpacks for each rank) and the busiest evaluator. Their slopes say whether the
+  wall slope is CPU work or queueing for the 2 shared cores. The compute runs' fit (N = 1, 2,
+  contended) is printed beside them.
 
 N counts evaluator GPUs; the trainer has its own GPU in addition.
 
@@ -72,8 +70,11 @@ from _common import add_common_args, csv, emit
 from edrop_ray.cluster import PRIVATE_INSTANCE
 from edrop_ray.config import load_config
 from edrop_ray.distributed.transport import FlatWeights, GroupMember
+from edrop_ray.files import pack_rows
 from edrop_ray.models import build_model, example_input
+from edrop_ray.search import Search
 from edrop_ray.slim import count_params_macs
+from edrop_ray.units import discover_units
 
 MS = 1e3
 
@@ -221,6 +222,7 @@ def measure_control(n: int, args, generations: int = 12) -> dict[str, float]:
             "diversity_threshold=0", f"seed={args.seed}",
         ],
     )  # fmt: skip
+
     def pid(_actor) -> int:  # defined here: pickled by value, run in the actor
         return os.getpid()
 
@@ -346,12 +348,38 @@ def measure_bf16_energies(args) -> dict[str, float]:
     }
 
 
+def measure_de(units: int, sizes: list[int], seed: int, repeats: int = 3) -> dict[int, dict]:
+    """Seconds per generation of the coordinator's own work at population ``S`` (each of
+    ``sizes``) and ``units`` bits per state, in this process on one thread: ``propose`` (DE's
+    draws and bit operations on (S, D)), and ``select`` (packing the 2S candidates for the
+    evaluators, then selecting). Medians after one."""
+    out = {}
+    for size in sizes:
+        cfg = load_config(
+            None, [f"population_size={size}", "diversity_threshold=0", f"seed={seed}"]
+        )
+        search = Search.from_config(cfg, units)
+        propose, select = [], []
+        for _ in range(1 + repeats):
+            t0 = time.perf_counter()
+            candidates = search.propose()
+            t1 = time.perf_counter()
+            pack_rows(candidates)
+            search.select(torch.rand(candidates.shape[0]))
+            propose.append(t1 - t0)
+            select.append(time.perf_counter() - t1)
+        med = statistics.median
+        out[size] = {"propose": med(propose[1:]), "select": med(select[1:])}
+    return out
+
+
 # --- extrapolated
 
 
 def target_inputs(args) -> dict[str, float]:
     model = build_model(args.target_model, num_classes=10, in_channels=3)
     _params, macs = count_params_macs(model, example_input(3, args.target_input))
+    units = discover_units(model, example_input(3, args.target_input)).num_units
     nbytes = FlatWeights(model, device=torch.device("cpu"), dtype=torch.float32).nbytes
     src = "ASSUMED from FLOPs"
     per_cand_s = 2 * macs * args.target_batch / (args.gpu_tflops * 1e12)
@@ -365,8 +393,8 @@ def target_inputs(args) -> dict[str, float]:
             train_s = figures.get("train_step_ms", train_s * MS) / MS
             src = f"MEASURED in {args.gpu_json}"
     batch_bytes = args.target_batch * (3 * args.target_input**2 * 4 + 8)  # fp32 x, int64 y
-    return {"macs": macs, "bytes": nbytes, "per_cand_s": per_cand_s, "train_s": train_s,
-            "batch_bytes": batch_bytes, "compute_source": src}  # fmt: skip
+    return {"macs": macs, "bytes": nbytes, "units": units, "per_cand_s": per_cand_s,
+            "train_s": train_s, "batch_bytes": batch_bytes, "compute_source": src}  # fmt: skip
 
 
 def _gbs(n: int, args) -> float:
@@ -385,11 +413,19 @@ def inputs_s(n: int, t: dict, args) -> float:
 
 def cycle_s(n: int, s: int, t: dict, control, args, pipeline: bool = False) -> float:
     """One generation and its training step. ``pipeline``: the trainer's step runs while the
-    evaluators judge on the weights from before it (``pipeline: true``), so the two overlap."""
+    evaluators judge on the weights from before it (``pipeline: true``), so the two overlap.
+
+    The coordinator's DE at population ``s`` (``t["de_s"]``, MEASURED): it packs and selects
+    between the judging and the step; it proposes the next generation during the step (the
+    coordinator proposes ahead), so only what outlasts the step shows, and with ``pipeline``,
+    where the next generation starts at once, all of it."""
     per_eval = math.ceil(2 * s / n)
     compute = max(args.pass_floor_ms / MS, per_eval * t["per_cand_s"])
     judge = sync_s(n, t["bytes"], args) + inputs_s(n, t, args) + compute
-    return (max(t["train_s"], judge) if pipeline else t["train_s"] + judge) + control(n)
+    de = t["de_s"][s]
+    if pipeline:
+        return max(t["train_s"], judge) + control(n) + de["select"] + de["propose"]
+    return t["train_s"] + judge + control(n) + de["select"] + max(0.0, de["propose"] - t["train_s"])
 
 
 def main() -> None:
@@ -464,12 +500,19 @@ def main() -> None:
         f"N = {ns[0]}..{ns[-1]} wall fit, contended: {heavy[0] * MS:.1f} ms + "
         f"{heavy[1] * MS:.2f} ms per evaluator)",
     ]
-    models = {
-        "2-core wall (upper bound)": lambda n: c1 + slope * (n - 1),
-        "each process on its own cores": lambda n: c1 + per_rank * (n - 1),
-    }
+    lines.append(
+        "Chain CPU by process, driver / coordinator / trainer (MEASURED, ms per generation): "
+        + ", ".join(
+            f"N = {n}: {c['driver_cpu_s'] * MS:.1f} / {c['coordinator_cpu_s'] * MS:.1f} / "
+            f"{c['trainer_cpu_s'] * MS:.1f}"
+            for n, c in sorted(controls.items())
+        )
+    )
+    models = {"2-core wall": lambda n: c1 + slope * (n - 1)}
 
     t = target_inputs(args)
+    sizes = sorted({args.target_S_per_eval * n for n in (1, 8, 64)} | {args.target_S})
+    t["de_s"] = measure_de(t["units"], sizes, args.seed)
     lines += [
         "",
         f"## Extrapolated: {args.target_model} {args.target_input} px, energy batch "
@@ -488,15 +531,23 @@ def main() -> None:
         f"{args.inter_gbs:g} GB/s across nodes, {args.latency_us:g} us per tree level",
         f"- the energy batch ({t['batch_bytes'] / 1e6:.2f} MB): one copy per evaluator from the "
         "trainer, at the same ASSUMED bandwidth",
+        f"- the coordinator's DE on {t['units']} units per state, propose / pack and select, "
+        "MEASURED in process on one thread of this machine: "
+        + ", ".join(
+            f"S = {k}: {v['propose'] * MS:.1f} / {v['select'] * MS:.1f} ms"
+            for k, v in t["de_s"].items()
+        )
+        + ". It grows with the population (weak scaling: with N) and runs on one core; the "
+        "proposal overlaps the training step (`pipeline: false`)",
         f"- control, 2-core wall: MEASURED here {c1 * MS:.1f} ms + {slope * MS:.2f} ms per "
         f"evaluator (least squares over N = {', '.join(str(int(n)) for n in cn)} evaluators "
-        "judging next to nothing). An upper bound: up to 8 evaluator processes and the chain "
-        "share 2 cores, so every rank's work queues behind the others'",
-        f"- control, each process on its own cores: the same {c1 * MS:.1f} ms at N = 1 "
-        f"(MEASURED), then per evaluator the chain's CPU {chain[1] * MS:.3f} ms (MEASURED: "
-        "rank 0 sends, receives and unpacks for each rank in turn), the busiest evaluator's "
-        f"CPU {busiest[1] * MS:.3f} ms (MEASURED) and {args.rank_net_us:g} us on the network "
-        "(ASSUMED: header, inputs and answer); the evaluators' own work runs in parallel",
+        "judging next to nothing): gloo, Ray and Python on this machine's CPU; NCCL's cost per "
+        "message is unmeasured",
+        f"- the control path's slope is CPU work, not queueing for the 2 cores: per evaluator "
+        f"the chain's CPU grows {chain[1] * MS:.3f} ms (rank 0 sends, receives and unpacks for "
+        f"each rank in turn) and the busiest evaluator's {busiest[1] * MS:.3f} ms (MEASURED), "
+        f"{per_rank * MS:.2f} ms in all with {args.rank_net_us:g} us on the network (ASSUMED), "
+        f"against {slope * MS:.2f} ms of wall time",
         "",
         "| scaling | S | control | N = 1 cycle | N = 8 cycle | eff. 8 | N = 64 cycle | eff. 64 "
         "| target |",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import ray
@@ -32,6 +33,12 @@ class Coordinator:
     With the collective transport it also keeps the process group: before a generation it
     makes sure every live evaluator holds the generation's weights, re-forming the group from
     the live ranks when one was lost or came back.
+
+    It proposes the next generation as soon as it has selected, in a thread of its own, while
+    the trainer trains: the proposal depends on the population only, never on the weights.
+    The draws are the same, in the same order (nothing else draws from the search's generator
+    between a selection and the next proposal), and a checkpoint holds the generator's state
+    from before the proposal, so a resumed run draws it again.
     """
 
     def __init__(
@@ -55,6 +62,9 @@ class Coordinator:
         # the trainer's side of each broadcast, and where each generation's time went
         self.sync_log: deque[dict[str, float]] = deque(maxlen=1000)
         self.timings: deque[dict[str, Any]] = deque(maxlen=1000)
+        # the next generation's candidates, being proposed, and the generator's state before
+        self._ahead: tuple[Future, torch.Tensor] | None = None
+        self._proposer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="propose")
 
     def set_transport(self, transport: tuple[str, str]) -> None:
         """(transport, backend), chosen once every rank has said where it landed: the runtime
@@ -66,7 +76,7 @@ class Coordinator:
     ) -> dict[str, Any]:
         """Propose, evaluate across evaluators, select; return the record and the new state."""
         t0 = time.perf_counter()
-        candidates = self.search.propose()
+        candidates = self._candidates()
         t1 = time.perf_counter()
         self._compute: list[float] = []
         self._receive: list[float] = []
@@ -82,6 +92,7 @@ class Coordinator:
             energies = self._evaluate(candidates, batch[0], weights, version)
         t3 = time.perf_counter()
         record = self.search.select(energies)
+        self._propose_ahead()
         self.timings.append(
             {"propose_s": t1 - t0, "sync_s": sync_s, "evaluate_s": t3 - t1 - sync_s,
              "compute_s": self._compute, "receive_s": self._receive, **self._phases,
@@ -261,8 +272,31 @@ class Coordinator:
             "members": list(self.members or []),
         }
 
+    # --- proposing ahead (the class docstring)
+    def _propose_ahead(self) -> None:
+        if self.search.frozen:
+            return  # no generation follows
+        before = self.search.generator.get_state()
+        self._ahead = (self._proposer.submit(self.search.propose), before)
+
+    def _candidates(self) -> torch.Tensor:
+        """This generation's candidates: the ones proposed ahead, else proposed now."""
+        if self._ahead is None:
+            return self.search.propose()
+        future, _ = self._ahead
+        self._ahead = None
+        return future.result()
+
     def state_dict(self) -> dict[str, Any]:
-        return self.search.state_dict()
+        """The search's state before any proposal under way (the proposal stays)."""
+        if self._ahead is None:
+            return self.search.state_dict()
+        future, before = self._ahead
+        future.result()
+        return {**self.search.state_dict(), "generator": before.clone()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if self._ahead is not None:  # proposed from the state being replaced: dropped
+            self._ahead[0].result()
+            self._ahead = None
         self.search.load_state_dict(sd)
