@@ -3,6 +3,7 @@ generation while the trainer trains, and that changes nothing a run computes or 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from edrop_ray.config import Config
@@ -60,3 +61,20 @@ def test_a_frozen_search_proposes_nothing_ahead():
     coordinator = _coordinator(cfg, 12)
     out = coordinator.generation([None], None, 0)
     assert out["record"]["frozen"] and coordinator._ahead is None
+
+
+def test_a_proposal_that_fails_ahead_fails_the_next_generation_not_the_checkpoint():
+    cfg = Config(population_size=4, seed=1, diversity_threshold=0.0, patience=1000)
+    coordinator, search = _coordinator(cfg, 16), Search.from_config(cfg, 16)
+
+    def boom():
+        raise RuntimeError("the proposal failed")
+
+    coordinator.generation([None], None, 0)
+    _plain(search)
+    coordinator.search.propose = boom  # the next proposal, made ahead, fails
+    coordinator.generation([None], None, 0)
+    _plain(search)
+    assert torch.equal(coordinator.state_dict()["generator"], search.state_dict()["generator"])
+    with pytest.raises(RuntimeError, match="the proposal failed"):
+        coordinator.generation([None], None, 0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import ray
@@ -288,15 +288,16 @@ class Coordinator:
         return future.result()
 
     def state_dict(self) -> dict[str, Any]:
-        """The search's state before any proposal under way (the proposal stays)."""
+        """The search's state before any proposal under way (the proposal stays; one that
+        failed raises at the next generation, as a proposal made then would)."""
         if self._ahead is None:
             return self.search.state_dict()
         future, before = self._ahead
-        future.result()
+        wait([future])
         return {**self.search.state_dict(), "generator": before.clone()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         if self._ahead is not None:  # proposed from the state being replaced: dropped
-            self._ahead[0].result()
+            wait([self._ahead[0]])
             self._ahead = None
         self.search.load_state_dict(sd)
