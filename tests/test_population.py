@@ -246,3 +246,35 @@ def test_member_zero_is_dense_unless_a_budget_repairs_it():
     budget = Search(DEParams(population_size=6, seed=3, target_prune_rate=0.5), 50)
     assert int(budget.population.states[0].sum()) == 25
     assert bool((budget.population.states.sum(1) <= 25).all())
+
+
+@pytest.mark.parametrize(
+    ("mutation", "size", "units", "expected"),
+    [
+        ("logical", 8, 64, "c56f3c12b3b1bdfb"),
+        ("logical", 32, 300, "ca4e0d0d48e26d63"),
+        ("sigmoid", 8, 64, "a3c5ccb602bbdf28"),
+        ("sigmoid", 32, 300, "cdfd68e24484faf5"),
+    ],
+)
+def test_the_searchs_draws_are_pinned(mutation, size, units, expected):
+    """Same seed, same candidates and population, release after release: a change that makes
+    the DE cheaper must not change what it draws (these digests are the ones of the code
+    before parents by topk, crossover by bit operations and selection by row copies)."""
+    import hashlib
+
+    from edrop_ray.config import Config
+    from edrop_ray.files import pack_rows
+    from edrop_ray.search import Search
+
+    cfg = Config(population_size=size, seed=7, mutation=mutation, diversity_threshold=0.0,
+                 patience=1000)  # fmt: skip
+    search = Search.from_config(cfg, units)
+    weights = torch.linspace(0.5, 1.5, units, dtype=torch.float64)
+    h = hashlib.sha256()
+    for _ in range(4):
+        candidates = search.propose()
+        h.update(pack_rows(candidates).tobytes())
+        search.select(candidates.double() @ weights / units)
+    h.update(pack_rows(search.population.states).tobytes())
+    assert h.hexdigest()[:16] == expected
