@@ -101,10 +101,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--inter-gbs", type=float, default=25.0, help="ASSUMED NCCL GB/s, across")
     p.add_argument("--latency-us", type=float, default=20.0, help="ASSUMED per broadcast hop")
     p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument(
-        "--rank-net-us", type=float, default=30.0,
-        help="ASSUMED network microseconds per evaluator in the exchange",
-    )  # fmt: skip
     p.add_argument("--out", default="", help="also write the tables (markdown) here")
     add_common_args(p)
     return p.parse_args()
@@ -483,7 +479,6 @@ def main() -> None:
     c1, slope = fit_line(cn, [controls[n]["wall_s"] for n in sorted(controls)])
     chain = fit_line(cn, [controls[n]["chain_cpu_s"] for n in sorted(controls)])
     busiest = fit_line(cn, [controls[n]["eval_cpu_s"] for n in sorted(controls)])
-    per_rank = chain[1] + busiest[1] + args.rank_net_us * 1e-6
     lines += [
         "",
         "Control path alone (MEASURED, evaluators that judge next to nothing, medians; wall, "
@@ -543,11 +538,11 @@ def main() -> None:
         f"evaluator (least squares over N = {', '.join(str(int(n)) for n in cn)} evaluators "
         "judging next to nothing): gloo, Ray and Python on this machine's CPU; NCCL's cost per "
         "message is unmeasured",
-        f"- the control path's slope is CPU work, not queueing for the 2 cores: per evaluator "
+        f"- the control path's slope against the CPU it costs: per evaluator "
         f"the chain's CPU grows {chain[1] * MS:.3f} ms (rank 0 sends, receives and unpacks for "
         f"each rank in turn) and the busiest evaluator's {busiest[1] * MS:.3f} ms (MEASURED), "
-        f"{per_rank * MS:.2f} ms in all with {args.rank_net_us:g} us on the network (ASSUMED), "
-        f"against {slope * MS:.2f} ms of wall time",
+        f"{(chain[1] + busiest[1]) * MS:.2f} ms in all, against {slope * MS:.2f} ms of wall "
+        "time",
         "",
         "| scaling | S | control | N = 1 cycle | N = 8 cycle | eff. 8 | N = 64 cycle | eff. 64 "
         "| target |",

@@ -84,6 +84,8 @@ class Search:
         self.frozen = False
         self.converged_at: int | None = None
         self._trials: torch.Tensor | None = None
+        # the generator's state before the proposal not yet selected (None when there is none)
+        self._before_proposal: torch.Tensor | None = None
 
     @classmethod
     def from_config(cls, cfg: Config, num_units: int, *, counter: Counter | None = None) -> Search:
@@ -102,6 +104,7 @@ class Search:
     def propose(self) -> torch.Tensor:
         """Members then trials of the next generation: (2S, D) bool, to be judged together."""
         cfg = self.params
+        self._before_proposal = self.generator.get_state()
         trials = pop.ask(
             self.population.states,
             F=cfg.F,
@@ -138,7 +141,7 @@ class Search:
             candidates = torch.cat([self.population.states, self._trials])
             energies = energies + macs_penalty(candidates, self.counter, cfg.macs_lambda)
         self.population = pop.tell(self.population, self._trials, energies[:size], energies[size:])
-        self._trials = None
+        self._trials = self._before_proposal = None
         median = float(self.population.energies.median())
         div = pop.diversity(self.population.states)
         cfg = self.params
@@ -220,8 +223,15 @@ class Search:
         return record
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the search exactly (tensors and plain values only)."""
+        """Everything needed to continue the search exactly (tensors and plain values only).
+
+        Taken between a proposal and its selection (the Ray coordinator proposes ahead), it is
+        the state from before the proposal: a resumed search draws the same proposal again.
+        """
         p = self.population
+        generator = self._before_proposal
+        if generator is None:
+            generator = self.generator.get_state()
         return {
             "states": p.states.clone(),
             "energies": p.energies.clone(),
@@ -229,7 +239,7 @@ class Search:
             "best_energy": p.best_energy,
             "unchanged": p.unchanged,
             "generation": p.generation,
-            "generator": self.generator.get_state(),
+            "generator": generator.clone(),
             "frozen": self.frozen,
             "converged_at": -1 if self.converged_at is None else self.converged_at,
         }
@@ -246,7 +256,7 @@ class Search:
         self.generator.set_state(sd["generator"])
         self.frozen = bool(sd["frozen"])
         self.converged_at = None if int(sd["converged_at"]) < 0 else int(sd["converged_at"])
-        self._trials = None
+        self._trials = self._before_proposal = None
 
 
 def _budgets(

@@ -195,6 +195,20 @@ def test_search_state_round_trip_continues_identically():
     assert torch.equal(a.best, b.best) and a.generation == b.generation
 
 
+def test_a_state_taken_between_proposal_and_selection_draws_the_proposal_again():
+    """The Ray coordinator proposes ahead; a checkpoint taken then must resume exactly."""
+    a = _search()
+    a.select(a.propose().float().sum(1))
+    proposed = a.propose()  # not selected yet
+    b = _search()
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b.propose(), proposed)
+    a.select(proposed.float().sum(1))
+    b.select(proposed.float().sum(1))
+    assert torch.equal(a.state_dict()["generator"], b.state_dict()["generator"])
+    assert torch.equal(a.propose(), b.propose())
+
+
 def test_search_refuses_non_finite_energies():
     from edrop_ray.errors import UserError
 

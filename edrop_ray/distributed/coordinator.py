@@ -38,7 +38,7 @@ class Coordinator:
     the trainer trains: the proposal depends on the population only, never on the weights.
     The draws are the same, in the same order (nothing else draws from the search's generator
     between a selection and the next proposal), and a checkpoint holds the generator's state
-    from before the proposal, so a resumed run draws it again.
+    from before the proposal (:meth:`Search.state_dict`), so a resumed run draws it again.
     """
 
     def __init__(
@@ -62,8 +62,8 @@ class Coordinator:
         # the trainer's side of each broadcast, and where each generation's time went
         self.sync_log: deque[dict[str, float]] = deque(maxlen=1000)
         self.timings: deque[dict[str, Any]] = deque(maxlen=1000)
-        # the next generation's candidates, being proposed, and the generator's state before
-        self._ahead: tuple[Future, torch.Tensor] | None = None
+        # the next generation's candidates, being proposed
+        self._ahead: Future | None = None
         self._proposer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="propose")
 
     def set_transport(self, transport: tuple[str, str]) -> None:
@@ -274,30 +274,25 @@ class Coordinator:
 
     # --- proposing ahead (the class docstring)
     def _propose_ahead(self) -> None:
-        if self.search.frozen:
-            return  # no generation follows
-        before = self.search.generator.get_state()
-        self._ahead = (self._proposer.submit(self.search.propose), before)
+        if not self.search.frozen:  # else no generation follows
+            self._ahead = self._proposer.submit(self.search.propose)
 
     def _candidates(self) -> torch.Tensor:
         """This generation's candidates: the ones proposed ahead, else proposed now."""
         if self._ahead is None:
             return self.search.propose()
-        future, _ = self._ahead
-        self._ahead = None
+        future, self._ahead = self._ahead, None
         return future.result()
 
     def state_dict(self) -> dict[str, Any]:
         """The search's state before any proposal under way (the proposal stays; one that
         failed raises at the next generation, as a proposal made then would)."""
-        if self._ahead is None:
-            return self.search.state_dict()
-        future, before = self._ahead
-        wait([future])
-        return {**self.search.state_dict(), "generator": before.clone()}
+        if self._ahead is not None:
+            wait([self._ahead])
+        return self.search.state_dict()
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         if self._ahead is not None:  # proposed from the state being replaced: dropped
-            wait([self._ahead[0]])
+            wait([self._ahead])
             self._ahead = None
         self.search.load_state_dict(sd)
