@@ -20,12 +20,14 @@ compare with.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .errors import UserError
+from .population import uniform_rows
 from .units import Units
 
 __all__ = ["Counter", "build_counter", "counter_for", "budget_report", "repair_budget"]
@@ -308,9 +310,12 @@ def repair_budget(
     *,
     max_params: int | None = None,
     max_macs: int | None = None,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
 ) -> torch.Tensor:
     """Switch kept units off, in a random order per state, until every state fits the budget.
+
+    generator: one, or one per state (:func:`edrop_ray.population.uniform_rows`); only the
+    states over the budget draw, so what a state draws never depends on the others.
 
     states: (S, D) bool; returns a new tensor. Each state loses the fewest units of its random
     order that bring it within ``max_params`` and ``max_macs`` (a binary search over that order:
@@ -334,7 +339,9 @@ def repair_budget(
         return states
     sub = states[bad]
     # random priority over kept units; off units sort last and are never "switched off" again
-    prio = torch.rand(sub.shape, generator=generator)
+    if not isinstance(generator, torch.Generator):
+        generator = [generator[i] for i in bad.tolist()]
+    prio = uniform_rows(sub.shape, generator)
     prio[~sub] = 2.0
     order = prio.argsort(dim=1)
     rank = torch.empty_like(order)

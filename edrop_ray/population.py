@@ -3,15 +3,16 @@
 The search is functional, in the shape of an ask/tell optimiser: :func:`init_states` makes the
 first population, :func:`ask` proposes one trial per member, the caller computes energies of
 members and trials on the same batch with the same weights, and :func:`tell` keeps the better
-of each pair. Every random draw comes from the one ``torch.Generator`` the caller passes in, so a
-run is reproducible and its state can be checkpointed with ``generator.get_state()``.
+of each pair. Every random draw comes from the ``torch.Generator`` the caller passes in, or from
+one generator per member (a member's trial is then the same whichever process proposes it, and
+whichever other members it proposes with), so a run is reproducible.
 
 Shapes: ``S`` members, ``D`` units; states are ``(S, D)`` bool tensors (True = keep).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -24,6 +25,7 @@ __all__ = [
     "init_states",
     "start",
     "ask",
+    "uniform_rows",
     "repair",
     "tell",
     "diversity",
@@ -63,29 +65,19 @@ def init_states(
     return states
 
 
-def _pick_parents(size: int, generator: torch.Generator) -> torch.Tensor:
-    """For each member, three distinct indices a, b, c (they may include the member itself,
-    as the authors' public code allows). Returns ``(size, 3)`` long."""
-    # The first three of a random permutation per row (argsort of uniform noise), vectorised
-    # over members: the three smallest of each row, in order, which topk finds in O(S) per row
-    # instead of sorting all S (the same indices: the draws have no ties in practice).
-    noise = torch.rand(size, size, generator=generator)
-    return noise.topk(3, dim=1, largest=False, sorted=True).indices
+Generators = torch.Generator | Sequence[torch.Generator]
 
 
-_DRAW_ROWS = 64  # rows of uniforms drawn at a time by _draw_below
-
-
-def _draw_below(p: float | torch.Tensor, shape: torch.Size, generator) -> torch.Tensor:
-    """``torch.rand(shape, generator=generator) < p`` (``p`` a number, or a tensor of ``shape``),
-    drawn a block of rows at a time: the same numbers in the same order (torch draws CPU
-    uniforms one after the other), without a float32 copy of the whole (S, D) to allocate and
-    fault in: about a third less time per draw at S = 1024, D = 11,456."""
-    out = torch.empty(shape, dtype=torch.bool)
-    for start in range(0, shape[0], _DRAW_ROWS):
-        rows = slice(start, min(start + _DRAW_ROWS, shape[0]))
-        u = torch.rand((rows.stop - start, *shape[1:]), generator=generator)
-        torch.lt(u, p[rows] if torch.is_tensor(p) else p, out=out[rows])
+def uniform_rows(shape: torch.Size | tuple[int, ...], generator: Generators) -> torch.Tensor:
+    """``torch.rand(shape)``, from one generator, or with row ``i`` from ``generator[i]`` (one
+    stream per member: any process draws any member's numbers)."""
+    if isinstance(generator, torch.Generator):
+        return torch.rand(shape, generator=generator)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for {shape[0]} rows")
+    out = torch.empty(shape)
+    for row, g in zip(out, generator, strict=True):
+        torch.rand(row.shape, generator=g, out=row)
     return out
 
 
@@ -117,7 +109,7 @@ def mutations() -> tuple[str, ...]:
 @register_mutation("logical")
 def mutate_logical(s_a, s_b, s_c, *, F: float, kappa: float, generator) -> torch.Tensor:
     """Where ``u < F`` and ``s_b OR s_c``, the mutant bit is ``NOT s_a``, else ``s_a``."""
-    flip = _draw_below(F, s_a.shape, generator) & (s_b | s_c)
+    flip = (torch.rand(s_a.shape, generator=generator) < F) & (s_b | s_c)
     return s_a ^ flip
 
 
@@ -126,7 +118,7 @@ def mutate_sigmoid(s_a, s_b, s_c, *, F: float, kappa: float, generator) -> torch
     """``v = s_a + F (s_b - s_c)``; bit = 1 with probability ``sigmoid(kappa (v - 0.5))``."""
     v = s_a.float() + F * (s_b.float() - s_c.float())
     prob = torch.sigmoid(kappa * (v - 0.5))
-    return _draw_below(prob, s_a.shape, generator)
+    return torch.rand(s_a.shape, generator=generator) < prob
 
 
 def ask(
@@ -136,44 +128,69 @@ def ask(
     CR: float,
     mutation: str = "logical",
     kappa: float = 10.0,
-    generator: torch.Generator,
+    generator: Generators,
+    members: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Propose one trial state per member by binary DE: mutation then binomial crossover.
 
     ``mutation`` names a registered operator (:func:`mutations`; "logical" and "sigmoid" are
-    built in). Crossover: each trial bit comes from the mutant with probability ``CR``, else from
-    the member.
+    built in). For each member, in turn: three distinct parents a, b, c drawn from the whole
+    population (they may include the member itself, as the authors' public code allows), the
+    mutant of their rows, then crossover: each trial bit comes from the mutant with probability
+    ``CR``, else from the member.
 
-    states: (S, D) bool. Returns trials (S, D) bool.
+    members: which members to propose for (default: all, in order). generator: one generator the
+    members draw from in turn, or one per member asked (:meth:`edrop_ray.search.Proposer.trials`
+    gives each member a stream of its own, so any process proposes any subset of the members
+    and gets the same trials).
+
+    states: (S, D) bool. Returns trials (len(members), D) bool.
     """
     size, num_units = states.shape
     if size < 4:
         raise ValueError(f"population needs at least 4 members for DE, got {size}")
     if mutation not in _MUTATIONS:
         raise ValueError(f"unknown mutation {mutation!r}; choose one of {mutations()}")
-    parents = _pick_parents(size, generator)
-    s_a, s_b, s_c = (states[parents[:, k]] for k in range(3))
-    mutant = _MUTATIONS[mutation](s_a, s_b, s_c, F=F, kappa=kappa, generator=generator)
-    take_mutant = _draw_below(CR, states.shape, generator)
-    # where(take_mutant, mutant, states) on bits: a third of its time on (S, D) bool
-    return states ^ ((states ^ mutant) & take_mutant)
+    members = range(size) if members is None else members
+    if isinstance(generator, torch.Generator):
+        generator = [generator] * len(members)
+    elif len(generator) != len(members):
+        raise ValueError(f"{len(generator)} generators for {len(members)} members")
+    operator = _MUTATIONS[mutation]
+    trials = torch.empty(len(members), num_units, dtype=torch.bool)
+    for k, (i, g) in enumerate(zip(members, generator, strict=True)):
+        # the first three of a random permutation of the members
+        s_a, s_b, s_c = states[torch.randperm(size, generator=g)[:3]].split(1)
+        mutant = operator(s_a, s_b, s_c, F=F, kappa=kappa, generator=g)
+        take_mutant = torch.rand(1, num_units, generator=g) < CR
+        member = states[i : i + 1]
+        # where(take_mutant, mutant, member) on bits
+        trials[k] = (member ^ ((member ^ mutant) & take_mutant))[0]
+    return trials
 
 
-def repair(states: torch.Tensor, *, max_kept: int, generator: torch.Generator) -> torch.Tensor:
+def repair(states: torch.Tensor, *, max_kept: int, generator: Generators) -> torch.Tensor:
     """Switch off random kept units of every state that keeps more than ``max_kept`` units.
 
     This is the hard budget of ``target_prune_rate``. states: (S, D) bool; returns a new tensor.
+    generator: one, or one per state (:func:`uniform_rows`); only the states over the budget
+    draw, so what a state draws never depends on the others.
     """
-    kept = states.sum(dim=1)
-    if bool((kept <= max_kept).all()):
+    over = (states.sum(dim=1) > max_kept).nonzero().flatten()
+    if over.numel() == 0:
         return states
+    sub = states[over]
+    if not isinstance(generator, torch.Generator):
+        generator = [generator[i] for i in over.tolist()]
     # Random priority for every kept bit; keep the max_kept kept bits of highest priority.
-    priority = torch.rand(states.shape, generator=generator)
-    priority = torch.where(states, priority, torch.full_like(priority, -1.0))
+    priority = uniform_rows(sub.shape, generator)
+    priority = torch.where(sub, priority, torch.full_like(priority, -1.0))
     order = priority.argsort(dim=1, descending=True)
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(states.shape[1]).expand_as(order).contiguous())
-    return states & (rank < max_kept)
+    rank.scatter_(1, order, torch.arange(sub.shape[1]).expand_as(order).contiguous())
+    out = states.clone()
+    out[over] = sub & (rank < max_kept)
+    return out
 
 
 def tell(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,12 +20,12 @@ from . import population as pop
 from .budget import Counter, repair_budget
 from .energy import macs_penalty
 from .errors import UserError
-from .seeds import stream
+from .seeds import stream, stream_seeds
 
 if TYPE_CHECKING:  # a Config is only read field by field: no import of the config module
     from .config import Config
 
-__all__ = ["DEParams", "Search"]
+__all__ = ["DEParams", "Proposer", "Search"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,53 @@ class DEParams:
         return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
+@dataclass(frozen=True)
+class Proposer:
+    """The rule that makes a generation's trials: the DE operators and the budgets (plain values
+    and tensors: it pickles cheaply to the processes that judge, which propose their own
+    members' trials where the population is large).
+
+    Member ``i``'s trial in generation ``g`` draws everything (parents, mutation, crossover,
+    repairs) from stream ``("trial", g)``'s ``i``-th seed (:func:`edrop_ray.seeds.stream_seeds`):
+    it depends on the population and on nothing else, so any process proposes any members and
+    gets the trials the whole population's proposal holds.
+    """
+
+    params: DEParams
+    num_units: int
+    max_kept: int
+    max_params: int | None = None
+    max_macs: int | None = None
+    counter: Counter | None = None
+
+    def trials(self, states: torch.Tensor, members: Sequence[int], generation: int) -> torch.Tensor:
+        """(len(members), D) bool: the trials of ``members`` of the population ``states``
+        ((S, D) bool) in generation ``generation`` (the generations done before it)."""
+        cfg = self.params
+        seeds = stream_seeds(cfg.seed, "trial", generation, count=states.shape[0])
+        generators = [torch.Generator().manual_seed(seeds[i]) for i in members]
+        trials = pop.ask(
+            states,
+            F=cfg.F,
+            CR=cfg.CR,
+            mutation=cfg.mutation,
+            kappa=cfg.kappa,
+            generator=generators,
+            members=members,
+        )
+        if self.max_kept < self.num_units:
+            trials = pop.repair(trials, max_kept=self.max_kept, generator=generators)
+        if self.max_params is None and self.max_macs is None:
+            return trials
+        return repair_budget(
+            trials,
+            self.counter,
+            max_params=self.max_params,
+            max_macs=self.max_macs,
+            generator=generators,
+        )
+
+
 class Search:
     """Population, generator and convergence state of one EDropout run.
 
@@ -79,13 +127,14 @@ class Search:
             self.max_kept = max(1, math.floor((1.0 - cfg.target_prune_rate) * num_units))
             states = pop.repair(states, max_kept=self.max_kept, generator=self.generator)
         states = self._repair_budget(states)
+        self.proposer = Proposer(
+            cfg, num_units, self.max_kept, self.max_params, self.max_macs, counter
+        )
         self.population = pop.start(states)
         self.probes = self._probes()
         self.frozen = False
         self.converged_at: int | None = None
         self._trials: torch.Tensor | None = None
-        # the generator's state before the proposal not yet selected (None when there is none)
-        self._before_proposal: torch.Tensor | None = None
 
     @classmethod
     def from_config(cls, cfg: Config, num_units: int, *, counter: Counter | None = None) -> Search:
@@ -102,22 +151,25 @@ class Search:
         return self.population.generation
 
     def propose(self) -> torch.Tensor:
-        """Members then trials of the next generation: (2S, D) bool, to be judged together."""
-        cfg = self.params
-        self._before_proposal = self.generator.get_state()
-        trials = pop.ask(
-            self.population.states,
-            F=cfg.F,
-            CR=cfg.CR,
-            mutation=cfg.mutation,
-            kappa=cfg.kappa,
-            generator=self.generator,
-        )
-        if self.max_kept < self.num_units:
-            trials = pop.repair(trials, max_kept=self.max_kept, generator=self.generator)
-        trials = self._repair_budget(trials)
+        """Members then trials of the next generation: (2S, D) bool, to be judged together.
+
+        It draws nothing from the search's generator (each member's trial has a stream of its
+        own: :class:`Proposer`), so proposing ahead, or again, changes nothing.
+        """
+        states = self.population.states
+        trials = self.proposer.trials(states, range(states.shape[0]), self.generation)
         self._trials = trials
-        return torch.cat([self.population.states, trials])
+        return torch.cat([states, trials])
+
+    def take_trials(self, trials: torch.Tensor) -> None:
+        """Take the next generation's trials proposed elsewhere (by the processes that judged
+        them, with :attr:`proposer`), in place of :meth:`propose`: :meth:`select` follows."""
+        shape = (self.params.population_size, self.num_units)
+        if trials.shape != shape or trials.dtype != torch.bool:
+            raise ValueError(
+                f"expected {shape} bool trials, got {tuple(trials.shape)} {trials.dtype}"
+            )
+        self._trials = trials
 
     def select(self, energies: torch.Tensor) -> dict[str, Any]:
         """Take the (2S,) energies of :meth:`propose`'s candidates; selection and convergence.
@@ -141,7 +193,7 @@ class Search:
             candidates = torch.cat([self.population.states, self._trials])
             energies = energies + macs_penalty(candidates, self.counter, cfg.macs_lambda)
         self.population = pop.tell(self.population, self._trials, energies[:size], energies[size:])
-        self._trials = self._before_proposal = None
+        self._trials = None
         median = float(self.population.energies.median())
         div = pop.diversity(self.population.states)
         cfg = self.params
@@ -225,13 +277,9 @@ class Search:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the search exactly (tensors and plain values only).
 
-        Taken between a proposal and its selection (the Ray coordinator proposes ahead), it is
-        the state from before the proposal: a resumed search draws the same proposal again.
+        A proposal under way is not in it: a resumed search proposes it again, the same.
         """
         p = self.population
-        generator = self._before_proposal
-        if generator is None:
-            generator = self.generator.get_state()
         return {
             "states": p.states.clone(),
             "energies": p.energies.clone(),
@@ -239,7 +287,7 @@ class Search:
             "best_energy": p.best_energy,
             "unchanged": p.unchanged,
             "generation": p.generation,
-            "generator": generator.clone(),
+            "generator": self.generator.get_state(),
             "frozen": self.frozen,
             "converged_at": -1 if self.converged_at is None else self.converged_at,
         }
@@ -256,7 +304,7 @@ class Search:
         self.generator.set_state(sd["generator"])
         self.frozen = bool(sd["frozen"])
         self.converged_at = None if int(sd["converged_at"]) < 0 else int(sd["converged_at"])
-        self._trials = self._before_proposal = None
+        self._trials = None
 
 
 def _budgets(

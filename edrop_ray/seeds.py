@@ -22,13 +22,14 @@ import zlib
 import numpy as np
 import torch
 
-__all__ = ["STREAMS", "STREAMS_VERSION", "stream", "stream_seed"]
+__all__ = ["STREAMS", "STREAMS_VERSION", "stream", "stream_seed", "stream_seeds"]
 
-STREAMS_VERSION = 1  # bump when a stream's derivation or use changes (keys cached results)
+STREAMS_VERSION = 2  # bump when a stream's derivation or use changes (keys cached results)
 
 STREAMS = (
     "init",  # the weights' initialisation (torch's global generator)
-    "population",  # the search's population: initial states, mutation, crossover, repair
+    "population",  # the search's first population and its repair
+    "trial",  # one member's trial in one generation: parents, mutation, crossover, repair
     "data_order",  # the training order, one permutation per epoch index
     "energy_batch",  # the batches on which generations are judged
     "data_split",  # the train/test split of the in-memory datasets
@@ -45,6 +46,14 @@ def stream_seed(seed: int, name: str, *index: int) -> int:
     """The 64-bit seed of stream ``name`` (with optional non-negative ``index`` words, e.g. an
     epoch) of the run seed ``seed``. Same inputs, same seed; any different input, an unrelated
     seed."""
+    return stream_seeds(seed, name, *index, count=1)[0]
+
+
+def stream_seeds(seed: int, name: str, *index: int, count: int) -> list[int]:
+    """``count`` unrelated 64-bit seeds of stream ``name`` (one per member of a population, say)
+    from one hash: consecutive pairs of words of the stream's :class:`SeedSequence`. Seed ``k`` is
+    the same whatever ``count`` beyond ``k`` asks for, so any process computes any member's;
+    ``count=1`` is :func:`stream_seed`."""
     if name not in STREAMS:
         raise ValueError(f"unknown random stream {name!r}; choose one of: {', '.join(STREAMS)}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -52,9 +61,10 @@ def stream_seed(seed: int, name: str, *index: int) -> int:
     if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in index):
         raise ValueError(f"stream indexes must be non-negative integers, got {index!r}")
     key = (zlib.crc32(name.encode()), *index)
-    words = np.random.SeedSequence(entropy=seed, spawn_key=key).generate_state(2, np.uint32)
-    # torch seeds are 64-bit; keep it below 2**63 so it is a valid signed int64 everywhere
-    return (int(words[0]) | int(words[1]) << 32) & (2**63 - 1)
+    words = np.random.SeedSequence(entropy=seed, spawn_key=key).generate_state(2 * count, np.uint32)
+    words = words.astype(np.uint64).reshape(count, 2)
+    # torch seeds are 64-bit; keep them below 2**63 so each is a valid signed int64 everywhere
+    return ((words[:, 0] | words[:, 1] << np.uint64(32)) & np.uint64(2**63 - 1)).tolist()
 
 
 def stream(seed: int, name: str, *index: int) -> torch.Generator:

@@ -31,7 +31,8 @@ def test_parents_are_distinct():
                 generator=gen())  # fmt: skip
     finally:
         pop.unregister_mutation("record-parents")
-    parents = torch.stack(seen[0], dim=1)
+    assert len(seen) == 10  # member by member, each from its own draws
+    parents = torch.stack([torch.cat(rows) for rows in seen])
     assert parents.shape == (10, 3)
     for row in parents.tolist():
         assert len(set(row)) == 3
@@ -263,18 +264,19 @@ def test_member_zero_is_dense_unless_a_budget_repairs_it():
 
 
 @pytest.mark.parametrize(
-    ("mutation", "size", "units", "expected"),
+    ("mutation", "size", "units", "prune", "expected"),
     [
-        ("logical", 8, 64, "c56f3c12b3b1bdfb"),
-        ("logical", 32, 300, "ca4e0d0d48e26d63"),
-        ("sigmoid", 8, 64, "a3c5ccb602bbdf28"),
-        ("sigmoid", 32, 300, "cdfd68e24484faf5"),
+        ("logical", 8, 64, None, "b6b3afe600867218"),
+        ("logical", 32, 300, None, "ae9704b97c858847"),
+        ("sigmoid", 8, 64, None, "e351358d46e34055"),
+        ("sigmoid", 32, 300, None, "7d291b46aefb5b51"),
+        ("logical", 16, 200, 0.6, "1bba0e31a3b6f6e6"),
     ],
 )
-def test_the_searchs_draws_are_pinned(mutation, size, units, expected):
+def test_the_searchs_draws_are_pinned(mutation, size, units, prune, expected):
     """Same seed, same candidates and population, release after release: a change that makes
-    the DE cheaper must not change what it draws (these digests are the ones of the code
-    before parents by topk, crossover by bit operations and selection by row copies)."""
+    the DE cheaper must not change what it draws (the digests of random streams version 2: a
+    stream per member and generation; a change of draws bumps ``STREAMS_VERSION`` and these)."""
     import hashlib
 
     from edrop_ray.config import Config
@@ -282,7 +284,7 @@ def test_the_searchs_draws_are_pinned(mutation, size, units, expected):
     from edrop_ray.search import Search
 
     cfg = Config(population_size=size, seed=7, mutation=mutation, diversity_threshold=0.0,
-                 patience=1000)  # fmt: skip
+                 patience=1000, target_prune_rate=prune)  # fmt: skip
     search = Search.from_config(cfg, units)
     weights = torch.linspace(0.5, 1.5, units, dtype=torch.float64)
     h = hashlib.sha256()
@@ -292,3 +294,17 @@ def test_the_searchs_draws_are_pinned(mutation, size, units, expected):
         search.select(candidates.double() @ weights / units)
     h.update(pack_rows(search.population.states).tobytes())
     assert h.hexdigest()[:16] == expected
+
+
+@pytest.mark.parametrize("prune", [None, 0.6])
+def test_any_process_proposes_any_members_the_same(prune):
+    """A member's trial depends on the population alone: proposed alone, in a shard, or with
+    every member, it is the same (the evaluators propose their own shards' trials)."""
+    from edrop_ray.search import DEParams, Search
+
+    search = Search(DEParams(population_size=12, seed=4, target_prune_rate=prune), 90)
+    states = search.population.states
+    whole = search.propose()[12:]
+    for members in ([0], [11], range(3, 7), [9, 2, 5]):
+        assert torch.equal(search.proposer.trials(states, members, 0), whole[list(members)])
+    assert not torch.equal(search.proposer.trials(states, range(12), 1), whole)  # next one

@@ -15,7 +15,7 @@ from edrop_ray.data import load_datasets, load_for
 from edrop_ray.errors import UserError
 from edrop_ray.learner import Learner
 from edrop_ray.search import Search
-from edrop_ray.seeds import STREAMS, STREAMS_VERSION, stream, stream_seed
+from edrop_ray.seeds import STREAMS, STREAMS_VERSION, stream, stream_seed, stream_seeds
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,10 +48,17 @@ def test_seed_s_population_is_not_seed_s_minus_1_energy_stream():
 def test_the_derivation_is_pinned_to_its_version():
     """Changing the derivation changes every run: it must come with a STREAMS_VERSION bump (which
     keys the dense cache), and then these numbers with it."""
-    assert STREAMS_VERSION == 1
+    assert STREAMS_VERSION == 2  # 2: each member's trial from a stream of its own
     # cross-checked as SeedSequence(...).generate_state(1, np.uint64) & (2**63 - 1)
     assert stream_seed(0, "init") == 5463442446747207670
     assert stream_seed(3, "data_order", 2) == 7237889238353639111
+
+
+def test_a_members_seed_is_the_same_whatever_the_population_size():
+    many = stream_seeds(5, "trial", 3, count=64)
+    assert stream_seeds(5, "trial", 3, count=4) == many[:4]
+    assert stream_seeds(5, "trial", 3, count=1)[0] == stream_seed(5, "trial", 3) == many[0]
+    assert len(set(many)) == 64 and stream_seeds(5, "trial", 4, count=4) != many[:4]
 
 
 def test_bad_names_and_indexes_are_refused():
