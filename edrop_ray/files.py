@@ -120,7 +120,8 @@ def pack_rows(states: torch.Tensor):
     """(S, D) bool -> (S, ceil(D/8)) uint8 numpy array, one bit-packed row per state."""
     import numpy as np
 
-    return np.packbits(states.cpu().numpy().astype(np.uint8), axis=1)
+    # a bool array is bytes of 0 and 1 already: viewed, not copied
+    return np.packbits(states.cpu().contiguous().numpy().view(np.uint8), axis=1)
 
 
 def unpack_rows(rows, num_units: int) -> torch.Tensor:
@@ -128,8 +129,8 @@ def unpack_rows(rows, num_units: int) -> torch.Tensor:
     import numpy as np
     import torch
 
-    bits = np.unpackbits(np.asarray(rows, dtype=np.uint8), axis=1)[:, :num_units]
-    return torch.from_numpy(bits.astype(bool))
+    bits = np.unpackbits(np.asarray(rows, dtype=np.uint8), axis=1, count=num_units)
+    return torch.from_numpy(bits.view(bool))  # bytes of 0 and 1: viewed, not copied
 
 
 def pack_states(states: torch.Tensor) -> list[bytes]:

@@ -97,6 +97,7 @@ def _drive(cfg, on_generation, rejoin_s: float = 0.0):
             on_generation=lambda r: on_generation(runtime, r),
         )
         stats = ray.get(runtime.coordinator.stats.remote(), timeout=60)
+        stats["timings"] = ray.get(runtime.coordinator.timing_log.remote(), timeout=60)[0]
         if rejoin_s:
             step = runtime.learner.step
             stats["after_rejoin"] = ray.get(
@@ -124,8 +125,12 @@ def test_killed_evaluator_is_replaced_and_the_mask_is_unchanged(cluster, local_r
     # its loss was seen, while the weights went out or while its shard was out (then re-run)
     assert stats["lost_in_sync"] + stats["reruns"] >= 1
     assert stats["regroups"] >= 2  # formed once, re-formed without it
-    # in the steady state a generation was judged over the group, one call in all
+    # in the steady state a generation was judged over the group, one call in all, and its
+    # trials were proposed by the evaluators (each its own shard), not by the coordinator
     assert stats["grouped"] >= 1
+    by_ranks = [t for t in stats["timings"] if t["proposed_s"]]
+    assert len(by_ranks) == stats["grouped"]
+    assert all(t["propose_s"] == 0.0 for t in by_ranks)
     assert torch.equal(best, mask_of(local_run))
     after = stats["after_rejoin"]  # the restarted evaluator is back in the group
     assert after["live"] == 2 and after["members"] == [0, 1]

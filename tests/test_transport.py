@@ -213,9 +213,13 @@ def test_the_trainer_stages_the_weights_a_step_moves_past():
     assert torch.equal(trainer.member.home.flat, after.flat)
 
 
+_UNITS = 20  # bits per state in the exchange tests
+
+
 def _server(port: int, rank: int, world: int, die_after: int | None, queue) -> None:
-    """Ranks 1..N of the judging exchange, with a stand-in judge: a state's energy is its
-    number of kept units. ``die_after``: exit abruptly after that many requests."""
+    """Ranks 1..N of the judging exchange, with a stand-in proposer (a member's trial is its
+    complement) and judge (a state's energy is its number of kept units, plus the batch's sum
+    and the generation). ``die_after``: exit abruptly after that many requests."""
     import os
 
     import numpy as np
@@ -226,9 +230,12 @@ def _server(port: int, rank: int, world: int, die_after: int | None, queue) -> N
     member.join(("127.0.0.1", port), rank, world, "gloo", 60.0, epoch=0)
     served = 0
     while (req := member.next_request(0)) is not None:
-        bits = np.unpackbits(req.packed.numpy(), axis=1)
-        energies = torch.from_numpy(bits.sum(axis=1).astype(np.float32)) + req.x.sum()
-        member.reply(energies, 0.5, req.receive_s)
+        rows = req.rows.numpy()[req.members.start : req.members.stop]
+        trials = np.packbits(1 - np.unpackbits(rows, axis=1, count=_UNITS), axis=1)
+        bits = np.unpackbits(np.concatenate([rows, trials]), axis=1)
+        energies = torch.from_numpy(bits.sum(axis=1).astype(np.float32))
+        energies += req.x.sum() + req.generation
+        member.reply(energies, torch.from_numpy(trials), (0.5, req.receive_s, 0.25))
         served += 1
         if die_after is not None and served == die_after:
             os._exit(1)
@@ -260,22 +267,27 @@ def _end_group(member: GroupMember, children) -> None:
             c.kill()
 
 
-def test_one_exchange_judges_every_shard_in_candidate_order_and_stops_the_ranks():
+def test_one_exchange_proposes_and_judges_every_shard_in_member_order_and_stops_the_ranks():
     import numpy as np
 
     member, sender, children, queue = _serve_group(3, {})
     try:
-        states = torch.rand(5, 20, generator=torch.Generator().manual_seed(0)) < 0.5
+        states = torch.rand(5, _UNITS, generator=torch.Generator().manual_seed(0)) < 0.5
         packed = torch.from_numpy(np.packbits(states.numpy().astype(np.uint8), axis=1))
         x, y = torch.ones(2, 1, 4, 4), torch.tensor([1, 2])
-        want = states.sum(1).float() + x.sum()
+        kept = states.sum(1).float()
+        want = torch.cat([kept, _UNITS - kept]) + x.sum() + 3  # members, then trials; generation 3
         member.home.pack()
-        first = member.request(7, 0, packed, x, y, send_weights=True)
-        assert torch.equal(first["energies"], want)  # shards of 3 and 2, in candidate order
-        assert first["compute_s"] == [0.5, 0.5] and first["sync"]["bytes"] == member.nbytes
-        assert min(first["receive_s"]) > 0
-        again = member.request(7, 0, packed[:1], 2 * x, y, send_weights=False)
-        assert torch.equal(again["energies"], want[:1] + x.sum())  # rank 2 had nothing
+        first = member.request(7, 0, packed, x, y, generation=3, send_weights=True)
+        # shards of 3 and 2 members: all members' energies, then all trials', in member order
+        assert torch.equal(first["energies"], want)
+        assert torch.equal(first["trials"], torch.from_numpy(np.packbits(
+            (~states).numpy().astype(np.uint8), axis=1)))  # fmt: skip
+        assert first["compute_s"] == [0.5, 0.5] and first["propose_s"] == [0.25, 0.25]
+        assert first["sync"]["bytes"] == member.nbytes and min(first["receive_s"]) > 0
+        again = member.request(7, 0, packed[:1], 2 * x, y, generation=0, send_weights=False)
+        assert torch.equal(again["energies"], want[[0, 5]] + x.sum() - 3)  # rank 2 had nothing
+        assert again["trials"].shape == (1, 3)
         assert again["sync"] is None and again["receive_s"] == [0.0, 0.0]
         assert member.stop(0, [1, 2]) == [1, 2]
         got = sorted(queue.get(timeout=60) for _ in children)
@@ -294,14 +306,14 @@ def test_a_rank_dead_between_exchanges_fails_the_next_fast_and_frees_the_others(
 
     member, _sender, children, queue = _serve_group(3, {2: 1})
     try:
-        packed = torch.from_numpy(np.packbits(np.ones((4, 8), dtype=np.uint8), axis=1))
+        packed = torch.from_numpy(np.packbits(np.ones((4, _UNITS), dtype=np.uint8), axis=1))
         x, y = torch.zeros(1, 3), torch.tensor([0])
         member.home.pack()
-        member.request(1, 0, packed, x, y, send_weights=True)
+        member.request(1, 0, packed, x, y, generation=0, send_weights=True)
         children[1].join(timeout=60)  # rank 2 exits after its first answer
         t0 = time.perf_counter()
         with pytest.raises(RuntimeError, match=r"ranks \[2\] did not answer"):
-            member.request(1, 0, packed, x, y, send_weights=False)
+            member.request(1, 0, packed, x, y, generation=1, send_weights=False)
         assert time.perf_counter() - t0 < 30  # seen by the header or its answer: no timeout
         # rank 1 was told ABORT and left its loop, free for the coordinator
         assert queue.get(timeout=60)[:2] == (1, 1)

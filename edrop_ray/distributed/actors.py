@@ -24,7 +24,7 @@ import torch
 from ..config import Config
 from ..devices import set_cpu_threads, worker_device
 from ..energy import compute_energies
-from ..files import unpack_rows, unpack_states
+from ..files import pack_rows, unpack_rows, unpack_states
 from .transport import FlatWeights, GroupMember, free_address, rank_identity
 
 if TYPE_CHECKING:
@@ -177,13 +177,15 @@ class Trainer:
 
     @ray.method(concurrency_group="comm")
     def judge(
-        self, version: int, epoch: int, packed: np.ndarray, batch: list[ray.ObjectRef]
-    ) -> dict[str, Any]:
-        """Have the serving evaluators judge the ``packed`` candidates (one bit-packed row each)
-        on the batch of ``batch`` (``[ref]`` to a return of :meth:`energy_batch`) with weights
-        ``version``, over the group: one call per generation, however many evaluators
-        (:meth:`GroupMember.request`). The weights go out first when the group does not hold
-        them yet (staged as :meth:`publish` stages them)."""
+        self, version: int, epoch: int, rows: np.ndarray, generation: int,
+        batch: list[ray.ObjectRef],
+    ) -> dict[str, Any]:  # fmt: skip
+        """Have the serving evaluators propose and judge generation ``generation`` of the
+        population ``rows`` (one bit-packed row per member) on the batch of ``batch`` (``[ref]``
+        to a return of :meth:`energy_batch`) with weights ``version``, over the group: one call
+        per generation, however many evaluators (:meth:`GroupMember.request`). The weights go
+        out first when the group does not hold them yet (staged as :meth:`publish` stages
+        them)."""
         with self._lock:
             member = self._member()
             send = member.version != version
@@ -191,11 +193,12 @@ class Trainer:
                 self._stage(version)
         x, y = self._batch_of(batch[0])
         out = member.request(
-            version, epoch, torch.tensor(packed), x.contiguous(), y.contiguous(),
-            send_weights=send,
+            version, epoch, torch.from_numpy(rows), x.contiguous(), y.contiguous(),
+            generation=generation, send_weights=send,
         )  # fmt: skip
         if out["sync"] is not None:
             out["sync"]["pack_s"] = self._stage_s
+        out["trials"] = out["trials"].numpy()  # pickles as one array
         return out
 
     @ray.method(concurrency_group="comm")
@@ -308,8 +311,10 @@ class Evaluator:
             amp=self.cfg.amp,
         )
 
-    def serve(self, epoch: int) -> dict[str, Any]:
-        """Judge the trainer's requests over group ``epoch`` until told to stop.
+    def serve(self, epoch: int, proposer) -> dict[str, Any]:
+        """Propose and judge the trainer's requests over group ``epoch`` until told to stop:
+        the trials of this rank's shard of the members, by ``proposer`` (the search's
+        :class:`~edrop_ray.search.Proposer`: the same trials the coordinator would propose).
 
         Returns why it ended (``"stopped"``, or the error of a failed exchange: the group is
         then broken) and how many requests it served; it never raises, so the coordinator
@@ -322,12 +327,17 @@ class Evaluator:
             while (req := self.member.next_request(epoch)) is not None:
                 self.version = self.member.version
                 t0 = time.perf_counter()
-                states = unpack_rows(req.packed.cpu().numpy(), self.units.num_units)
-                if states.shape[0]:
-                    energies = self._judge(states, req.x, req.y)
-                else:  # more ranks than candidates: nothing to judge
+                rows = req.rows.cpu().numpy()
+                states = unpack_rows(rows, self.units.num_units)
+                trials = proposer.trials(states, req.members, req.generation)
+                t1 = time.perf_counter()
+                members = states[req.members.start : req.members.stop]
+                if members.shape[0]:
+                    energies = self._judge(torch.cat([members, trials]), req.x, req.y)
+                else:  # more ranks than members: nothing to judge
                     energies = torch.empty(0)
-                self.member.reply(energies, time.perf_counter() - t0, req.receive_s)
+                seconds = (time.perf_counter() - t1, req.receive_s, t1 - t0)
+                self.member.reply(energies, torch.from_numpy(pack_rows(trials)), seconds)
                 served += 1
         except Exception as e:  # noqa: BLE001 - reported to the coordinator, which re-forms
             return {"ended": f"{type(e).__name__}: {e}", "served": served}

@@ -20,7 +20,7 @@ import torch
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
 from ..config import Config
-from ..files import pack_rows, pack_states
+from ..files import pack_rows, pack_states, unpack_rows
 from ..search import Search
 from .pool import EvaluatorPool, InputsLost
 
@@ -32,13 +32,14 @@ class Coordinator:
 
     With the collective transport it also keeps the process group: before a generation it
     makes sure every live evaluator holds the generation's weights, re-forming the group from
-    the live ranks when one was lost or came back.
+    the live ranks when one was lost or came back. Over the group, the evaluators propose
+    their own members' trials: the coordinator's work per generation is then a pack of the
+    population and the selection, not the DE's O(S D) random draws.
 
-    It proposes the next generation as soon as it has selected, in a thread of its own, while
-    the trainer trains: the proposal depends on the population only, never on the weights.
-    The draws are the same, in the same order (nothing else draws from the search's generator
-    between a selection and the next proposal), and a checkpoint holds the generator's state
-    from before the proposal (:meth:`Search.state_dict`), so a resumed run draws it again.
+    On the other paths it proposes the next generation as soon as it has selected, in a
+    thread of its own, while the trainer trains: a proposal depends on the population only
+    (each member's trial has a random stream of its own, :class:`~edrop_ray.search.Proposer`),
+    never on the weights, so the trials are the same whoever proposes them, and when.
     """
 
     def __init__(
@@ -74,17 +75,23 @@ class Coordinator:
     def generation(
         self, batch: list[ray.ObjectRef], weights: list[ray.ObjectRef] | None, version: int
     ) -> dict[str, Any]:
-        """Propose, evaluate across evaluators, select; return the record and the new state."""
+        """Propose, evaluate across evaluators, select; return the record and the new state.
+
+        Over the process group the evaluators propose their own shards' trials (the search's
+        :class:`~edrop_ray.search.Proposer`, the same trials); on every other path the
+        coordinator proposes them all.
+        """
         t0 = time.perf_counter()
-        candidates = self._candidates()
-        t1 = time.perf_counter()
         self._compute: list[float] = []
         self._receive: list[float] = []
+        self._proposed: list[float] = []  # the evaluators' seconds proposing (over the group)
         self._phases: dict[str, float] = {}  # the group exchange's, seen by the trainer
-        energies, sync_s = None, 0.0
+        energies, sync_s, t1 = None, 0.0, t0
         if self.transport == "collective":
-            energies = self._judge_in_group(candidates, batch[0], version)
+            energies = self._judge_in_group(batch[0], version)
         if energies is None:
+            candidates = self._candidates()
+            t1 = time.perf_counter()
             if self.transport == "collective":  # not possible, or a rank failed: sync first
                 t = time.perf_counter()
                 self._sync(version)
@@ -95,7 +102,8 @@ class Coordinator:
         self._propose_ahead()
         self.timings.append(
             {"propose_s": t1 - t0, "sync_s": sync_s, "evaluate_s": t3 - t1 - sync_s,
-             "compute_s": self._compute, "receive_s": self._receive, **self._phases,
+             "compute_s": self._compute, "receive_s": self._receive,
+             "proposed_s": self._proposed, **self._phases,
              "select_s": time.perf_counter() - t3}
         )  # fmt: skip
         p = self.search.population
@@ -167,15 +175,16 @@ class Coordinator:
             self._sync(version)
         return self.stats()
 
-    def _judge_in_group(self, candidates, batch_ref, version: int) -> torch.Tensor | None:
-        """The generation judged over the process group: one call, the trainer's, whatever
-        the number of evaluators (they serve in a loop, started once per group).
+    def _judge_in_group(self, batch_ref, version: int) -> torch.Tensor | None:
+        """The generation proposed and judged over the process group: one call, the
+        trainer's, whatever the number of evaluators (they serve in a loop, started once per
+        group). The evaluators propose their shards' trials; the search takes them.
 
         Only in the steady state: the group is formed from the live evaluators and every one
         of them still serves. Returns None otherwise, or when the exchange failed (the
-        evaluators that died marked dead, the group to be re-formed); the caller then syncs
-        and judges with one call per evaluator, re-running every shard, so the energies are
-        the same.
+        evaluators that died marked dead, the group to be re-formed); the caller then
+        proposes, syncs and judges with one call per evaluator, re-running every shard, so the
+        trials and energies are the same.
         """
         want = self.pool.healthy()
         if self.members is None or want != self.members:
@@ -187,10 +196,14 @@ class Coordinator:
                 self.members = None
                 return None
         else:
-            self.serving = {i: self.pool.actors[i].serve.remote(self.epoch) for i in want}
-        packed = pack_rows(candidates)
+            proposer = self.search.proposer
+            self.serving = {i: self.pool.actors[i].serve.remote(self.epoch, proposer)
+                            for i in want}  # fmt: skip
+        rows = pack_rows(self.search.population.states)
         # the batch's reference, unresolved: the trainer drew it and still has it
-        ref = self.trainer.judge.remote(version, self.epoch, packed, [batch_ref])
+        ref = self.trainer.judge.remote(
+            version, self.epoch, rows, self.search.generation, [batch_ref]
+        )
         try:
             out = ray.get(ref, timeout=self.pool.timeout_s + 30)
         except RayActorError as e:
@@ -204,7 +217,8 @@ class Coordinator:
         if out["sync"] is not None:
             self.sync_log.append(out["sync"])
         self._compute, self._receive = out["compute_s"], out["receive_s"]
-        self._phases = out["phases"]
+        self._proposed, self._phases = out["propose_s"], out["phases"]
+        self.search.take_trials(unpack_rows(out["trials"], self.search.num_units))
         return out["energies"]
 
     def _stop_serving(self) -> None:
@@ -274,7 +288,9 @@ class Coordinator:
 
     # --- proposing ahead (the class docstring)
     def _propose_ahead(self) -> None:
-        if not self.search.frozen:  # else no generation follows
+        # not when the search is frozen (no generation follows), nor over the process group,
+        # where the evaluators propose (a generation that falls back proposes then)
+        if not self.search.frozen and self.transport != "collective":
             self._ahead = self._proposer.submit(self.search.propose)
 
     def _candidates(self) -> torch.Tensor:

@@ -15,25 +15,28 @@ model's tensors *are* views into that buffer, so nothing is copied after the bro
 Every init and broadcast carries a timeout, so a dead rank makes the others fail (and the
 coordinator re-form the group from the live ranks) instead of waiting for ever.
 
-A generation's candidates are judged over the same group, with one Ray call in all (the
+A generation is proposed and judged over the same group, with one Ray call in all (the
 trainer's) instead of one per evaluator: each evaluator serves in a loop
 (:meth:`GroupMember.next_request`, :meth:`GroupMember.reply`), and rank 0
 (:meth:`GroupMember.request`) runs one exchange per generation:
 
 1. a header to each rank (point to point): judge or stop, the weights version, whether new
-   weights follow, the states' and the batch's shapes and dtypes;
-2. each rank's inputs (point to point, one message): GO, the batch and the bit-packed states
-   of its contiguous shard (:func:`shard_bounds`); or ABORT, when a rank's header failed (it
-   died since the last exchange): then the live ones go back to the coordinator instead of
-   into a collective that cannot finish;
+   weights follow, the population's shape, the generation, the batch's shapes and dtypes;
+2. each rank's inputs (point to point, one message): GO and the batch; or ABORT, when a rank's
+   header failed (it died since the last exchange): then the live ones go back to the
+   coordinator instead of into a collective that cannot finish;
 3. the weights, by broadcast, when they are new;
-4. each rank's energies and timings back to rank 0 (point to point).
+4. the population, bit-packed, by broadcast (1.5 MB for 1,024 members of ResNet-50's 11,456
+   units): each rank proposes the trials of its contiguous shard of the members
+   (:func:`shard_bounds`) itself, so the proposal's work is spread over the ranks;
+5. each rank's energies (its members', then their trials'), its trials, bit-packed, and its
+   timings back to rank 0 (point to point, one message).
 
 A rank waits twice before it judges (header, inputs), both sent back to back: on a
 crowded machine every extra message is another wake-up of every rank. The batch goes to each
 rank separately (N copies from rank 0: 0.8 MB each for ResNet-50 at 32 px and 64 images),
-the weights once, by the collective. Point-to-point steps fail for one rank only; a rank that
-died between generations is seen at step 1 and costs no timeout.
+the weights and the population once, by collectives. Point-to-point steps fail for one rank
+only; a rank that died between generations is seen at step 1 and costs no timeout.
 """
 
 from __future__ import annotations
@@ -288,39 +291,37 @@ class GroupMember:
 
     # --- judging over the group (module docstring: one exchange per generation)
     def request(
-        self, version: int, epoch: int, packed: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-        *, send_weights: bool,
+        self, version: int, epoch: int, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+        *, generation: int, send_weights: bool,
     ) -> dict[str, Any]:  # fmt: skip
-        """Rank 0: have ranks 1..N judge the ``packed`` states (uint8, one row per candidate)
-        on ``(x, y)`` with weights ``version`` (broadcast first when ``send_weights``).
+        """Rank 0: have ranks 1..N propose and judge generation ``generation`` of the
+        population ``rows`` (uint8, one bit-packed row per member) on ``(x, y)`` with weights
+        ``version`` (broadcast first when ``send_weights``). Each rank takes the contiguous
+        shard :func:`shard_bounds` gives it of the members, proposes their trials and judges
+        members and trials.
 
-        Returns the energies in candidate order, each rank's compute and receive seconds, and
-        the weights' broadcast figures (None when none went out). Raises RuntimeError naming
-        the ranks that did not answer (when their headers failed, the others were told ABORT).
+        Returns the energies of all members then of all trials (member order), the trials
+        (uint8, bit-packed rows), each rank's compute, receive and propose seconds, and the
+        weights' broadcast figures (None when none went out). Raises RuntimeError naming the
+        ranks that did not answer (when their headers failed, the others were told ABORT).
         """
         self._check(epoch)
         t_start = time.perf_counter()
         dev, ranks = self.device, range(1, dist.get_world_size())
+        num, width = rows.shape
         header = torch.tensor(
-            [JUDGE, version, int(send_weights), *packed.shape, *_describe(x), *_describe(y)],
+            [JUDGE, version, int(send_weights), num, width, generation,
+             *_describe(x), *_describe(y)],
             dtype=torch.int64,
-        ).to(dev)
-        t, shards, num = self.timeout_s, len(ranks), packed.shape[0]
+        ).to(dev)  # fmt: skip
+        t, shards = self.timeout_s, len(ranks)
         works, failed = _post(dist.isend, dict.fromkeys(ranks, header))
         # a rank gone since the last exchange fails its header at once: then the others are
         # told ABORT in their inputs, before any collective, and the exchange fails. The
         # inputs go out right behind the headers: a rank wakes once for both.
         flag = torch.tensor([ABORT if failed else GO], dtype=torch.int64)
-        # one copy to the device of what every rank gets, one of all the states; each rank's
-        # message is then a concatenation there
-        common = _as_bytes([flag, x, y]).to(dev)
-        rows = packed.to(dev)
-        inputs = {}
-        for r in ranks:
-            if r not in failed:
-                start, count = shard_bounds(num, shards, r - 1)
-                inputs[r] = torch.cat([common, rows[start : start + count].reshape(-1)])
-        more, failed_inputs = _post(dist.isend, inputs)
+        common = _as_bytes([flag, x, y]).to(dev)  # one copy to the device, sent to every rank
+        more, failed_inputs = _post(dist.isend, {r: common for r in ranks if r not in failed})
         failed |= failed_inputs | _wait(works, t) | _wait(more, t)
         if failed:
             raise _unanswered(failed)
@@ -331,22 +332,23 @@ class GroupMember:
             dist.broadcast(self.wire, src=0)
             self.version = version
             sync = {"bytes": self.nbytes, "broadcast_s": time.perf_counter() - t0}
-        out = {
-            r: torch.empty(shard_bounds(num, shards, r - 1)[1] + 3,
-                           dtype=torch.float64, device=dev)
-            for r in ranks
-        }  # fmt: skip
+        dist.broadcast(rows.to(dev).contiguous(), src=0)  # the population: one collective
+        counts = [shard_bounds(num, shards, r - 1)[1] for r in ranks]
+        out = {r: torch.empty(_answer_bytes(c, width), dtype=torch.uint8, device=dev)
+               for r, c in zip(ranks, counts, strict=True)}  # fmt: skip
         t_gather = time.perf_counter()
         failed = _p2p(dist.irecv, out, t)
         if failed:
             raise _unanswered(failed)
-        answers = [out[r].cpu() for r in ranks]
+        answers = [_read_answer(out[r].cpu(), c, width) for r, c in zip(ranks, counts, strict=True)]
         t_end = time.perf_counter()
-        energies = torch.cat([a[:-3].to(_DTYPES[int(a[-1])]) for a in answers])
+        energies = [a["members"] for a in answers] + [a["trials_e"] for a in answers]
         return {
-            "energies": energies,
-            "compute_s": [float(a[-3]) for a in answers],
-            "receive_s": [float(a[-2]) for a in answers],
+            "energies": torch.cat(energies),
+            "trials": torch.cat([a["trials"] for a in answers]),
+            "compute_s": [a["compute_s"] for a in answers],
+            "receive_s": [a["receive_s"] for a in answers],
+            "propose_s": [a["propose_s"] for a in answers],
             "sync": sync,
             # rank 0's seconds: headers and inputs out, the answers (waiting for them: the
             # slowest rank's compute is in it), and the whole exchange
@@ -373,17 +375,16 @@ class GroupMember:
         h = header.cpu().tolist()  # one device -> host copy
         if h[0] == STOP:
             return None
-        version, new, num, width = h[1:_HEAD]
+        version, new, num, width, generation = h[1:_HEAD]
         start, count = shard_bounds(num, dist.get_world_size() - 1, dist.get_rank() - 1)
         parts = [
             torch.empty(1, dtype=torch.int64, device=dev),
             _empty(h[_HEAD : _HEAD + 2 + _MAX_DIMS], dev),
             _empty(h[_HEAD + 2 + _MAX_DIMS :], dev),
-            torch.empty(count, width, dtype=torch.uint8, device=dev),
         ]
         payload = torch.empty(sum(_nbytes(t) for t in parts), dtype=torch.uint8, device=dev)
         dist.recv(payload, src=0)
-        flag, x, y, packed = _from_bytes(payload, parts)
+        flag, x, y = _from_bytes(payload, parts)
         if int(flag.item()) != GO:
             return None
         receive_s = 0.0
@@ -391,15 +392,22 @@ class GroupMember:
             receive_s = self.receive(version, epoch)["broadcast_s"]
         elif version != self.version:
             raise RuntimeError(f"asked to judge with weights {version}, holding {self.version}")
-        return Request(version, packed, x, y, receive_s)
+        rows = torch.empty(num, width, dtype=torch.uint8, device=dev)
+        dist.broadcast(rows, src=0)
+        return Request(version, rows, range(start, start + count), generation, x, y, receive_s)
 
-    def reply(self, energies: torch.Tensor, compute_s: float, receive_s: float) -> None:
-        """Ranks 1..N: the energies of this rank's shard, and its timings, to rank 0."""
-        out = torch.empty(energies.numel() + 3, dtype=torch.float64, device=self.device)
-        out[:-3] = energies.reshape(-1).to(out)
-        out[-3:] = torch.tensor([compute_s, receive_s, _DTYPES.index(energies.dtype)],
-                                dtype=torch.float64)  # fmt: skip
-        dist.send(out, dst=0)
+    def reply(
+        self, energies: torch.Tensor, trials: torch.Tensor, seconds: tuple[float, float, float]
+    ) -> None:
+        """Ranks 1..N: the energies of this rank's members then of their trials, the trials
+        (uint8, bit-packed rows) and the seconds spent computing, receiving weights and
+        proposing, to rank 0 in one message."""
+        floats = torch.empty(energies.numel() + _TRAILER, dtype=torch.float64)
+        floats[: energies.numel()] = energies.reshape(-1).double().cpu()
+        floats[energies.numel() :] = torch.tensor([*seconds, _DTYPES.index(energies.dtype)],
+                                                  dtype=torch.float64)  # fmt: skip
+        out = torch.cat([floats.view(torch.uint8), trials.reshape(-1).cpu()])
+        dist.send(out.to(self.device), dst=0)
 
 
 # --- judging over the group: one exchange per generation, run by rank 0
@@ -412,7 +420,7 @@ _DTYPES = [
     torch.int16, torch.int8, torch.uint8, torch.bool,
 ]  # fmt: skip
 _MAX_DIMS = 6
-_HEAD = 5  # command, version, new weights, candidates, bytes per packed state
+_HEAD = 6  # command, version, new weights, members, bytes per packed state, generation
 HEADER_LEN = _HEAD + 2 * (2 + _MAX_DIMS)  # then (dtype, ndim, shape...) of x and of y
 
 
@@ -421,6 +429,28 @@ def shard_bounds(num: int, shards: int, k: int) -> tuple[int, int]:
     ``torch.tensor_split`` splits them (the first ``num % shards`` one longer)."""
     base, extra = divmod(num, shards)
     return k * base + min(k, extra), base + (1 if k < extra else 0)
+
+
+_TRAILER = 4  # after a rank's energies: compute, receive and propose seconds, the dtype's code
+
+
+def _answer_bytes(count: int, width: int) -> int:
+    """Bytes of a rank's answer for ``count`` members of ``width`` packed bytes each."""
+    return 8 * (2 * count + _TRAILER) + count * width
+
+
+def _read_answer(a: torch.Tensor, count: int, width: int) -> dict[str, Any]:
+    """A rank's answer (uint8, as :meth:`GroupMember.reply` sends it), read."""
+    floats = a[: 8 * (2 * count + _TRAILER)].view(torch.float64)
+    dtype = _DTYPES[int(floats[-1])]
+    return {
+        "members": floats[:count].to(dtype),
+        "trials_e": floats[count : 2 * count].to(dtype),
+        "trials": a[8 * (2 * count + _TRAILER) :].reshape(count, width),
+        "compute_s": float(floats[-4]),
+        "receive_s": float(floats[-3]),
+        "propose_s": float(floats[-2]),
+    }
 
 
 def _describe(t: torch.Tensor) -> list[int]:
@@ -455,12 +485,15 @@ def _from_bytes(payload: torch.Tensor, like: list[torch.Tensor]) -> list[torch.T
 
 
 class Request:
-    """What an evaluator judges in one exchange: its shard of the states (packed, uint8 rows)
-    on the generation's batch, with the weights of ``version``."""
+    """What an evaluator does in one exchange: propose the trials of ``members`` (a range of
+    the population's indices) of the population ``rows`` (uint8, bit-packed, every member's)
+    in generation ``generation``, and judge members and trials on the generation's batch with
+    the weights of ``version``."""
 
-    def __init__(self, version: int, packed: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                 receive_s: float):  # fmt: skip
-        self.version, self.packed, self.x, self.y = version, packed, x, y
+    def __init__(self, version: int, rows: torch.Tensor, members: range, generation: int,
+                 x: torch.Tensor, y: torch.Tensor, receive_s: float):  # fmt: skip
+        self.version, self.rows, self.members, self.generation = version, rows, members, generation
+        self.x, self.y = x, y
         self.receive_s = receive_s  # seconds spent receiving new weights (0 when none came)
 
 
