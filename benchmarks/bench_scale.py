@@ -9,10 +9,11 @@ per generation (medians after a warm-up):
 - trainer step (the driver's round trip to the trainer actor);
 - weight sync: bytes and seconds (the coordinator's wall time for publish + receive, or, when
   the weights go out in the judging round, the slowest receiver's time in the broadcast);
-- batch and states: their bytes, and the trainer's time to send them (and each rank's header)
-  in the group exchange; that time is also inside "control" below;
+- batch and population: their bytes, and the trainer's time to send each rank its header and
+  batch in the group exchange; that time is also inside "control" below;
+- each rank's proposal of its members' trials (the slowest rank's);
 - energy compute per evaluator (inside the evaluator, max and mean over shards);
-- gather and selection: propose + (evaluate wall - slowest shard's receive + compute) + select
+- gather and selection: (evaluate wall - slowest rank's receive + propose + compute) + select
   + the driver's round trip to the coordinator, together "control";
 - idle: the fraction of a cycle (generation + training step) an evaluator is not computing.
 
@@ -22,8 +23,9 @@ energies of a briefly trained model.
 
 EXTRAPOLATED to ``--target-model`` at ``--target-input`` on GPUs, with every input named:
 
-    cycle(N, S) = train + sync(N) + inputs(N) + compute(2S/N candidates) + control(N) + de(S)
-    (pipeline: true:  max(train, sync(N) + inputs(N) + compute(2S/N)) + control(N) + de(S))
+    cycle(N, S) = train + judge(N, S) + control(N) + coord(S)
+    judge(N, S) = sync(N) + pop(N, S) + inputs(N) + propose(S, S/N) + compute(2S/N candidates)
+    (pipeline: true:  max(train, judge(N, S)) + control(N) + coord(S))
     weak(N)   = cycle(1, s) / cycle(N, s N)          (s = --target-S-per-eval, default 16)
     strong(N) = cycle(1, S) / (N cycle(N, S))        (S = --target-S, default 64)
 
@@ -33,10 +35,13 @@ EXTRAPOLATED to ``--target-model`` at ``--target-input`` on GPUs, with every inp
 - sync(N) = bytes / bandwidth + latency x ceil(log2(N + 1)) (NCCL broadcast, pipelined):
   ASSUMED ``--intra-gbs`` inside a node of ``--gpus-per-node`` and ``--inter-gbs`` across nodes;
 - inputs(N) = N x batch bytes / bandwidth: the trainer sends each evaluator its own copy of the
-  energy batch (with its shard of the states, point to point);
-- de(S): the coordinator's own work at the target's population and unit count, MEASURED in
-  this process on one thread (propose: DE's draws and bit operations on (S, D) states; pack;
-  select). It grows with S, so in weak scaling with N, and runs on one core of one process;
+  energy batch (point to point);
+- pop(N, S): the population, bit-packed (S x D / 8 bytes), broadcast to the ranks every
+  generation, at the same ASSUMED bandwidth as the weights;
+- propose(S, m): one rank's proposal of its m = ceil(S / N) members' trials (unpack the
+  population, propose from the members' own random streams, pack the trials), and coord(S):
+  the coordinator's own work (pack the population, unpack the trials, select), both MEASURED
+  in this process on one thread at the target's unit count;
 - control(N) = a + b (N - 1), fitted (least squares) to the wall time MEASURED with
   ``--control-evaluators`` (default 1,2,4,8) evaluators that judge next to nothing (ResNet-18 at
   8 px, 2 states of 2 images per evaluator, weights sent once): Ray's round trips, the
@@ -70,7 +75,7 @@ from _common import add_common_args, csv, emit
 from edrop_ray.cluster import PRIVATE_INSTANCE
 from edrop_ray.config import load_config
 from edrop_ray.distributed.transport import FlatWeights, GroupMember
-from edrop_ray.files import pack_rows
+from edrop_ray.files import pack_rows, unpack_rows
 from edrop_ray.models import build_model, example_input
 from edrop_ray.search import Search
 from edrop_ray.slim import count_params_macs
@@ -158,11 +163,10 @@ def measure_run(n: int, s: int, args) -> dict[str, float]:
     # the weights' sync: a round of its own (sync_s), or inside the judging round, where the
     # slowest receiver's wait for the broadcast is it (receive_s)
     sync = [t["sync_s"] + max(t.get("receive_s") or [0.0]) for t in tm]
-    busy = [max(r + c for r, c in zip(t.get("receive_s") or [0.0] * len(t["compute_s"]),
-                                      t["compute_s"], strict=True)) for t in tm]  # fmt: skip
+    busy = [_busiest(t) for t in tm]
     control = [g - t["sync_s"] - b for g, t, b in zip(gens[w], tm, busy, strict=True)]
     med = statistics.median
-    states_bytes = 2 * s * math.ceil(runtime.num_units / 8)
+    states_bytes = s * math.ceil(runtime.num_units / 8)  # the population, broadcast
     batch_bytes = (
         args.energy_batch * info.in_channels * args.input_size**2 * 4 + 8 * args.energy_batch
     )
@@ -178,12 +182,25 @@ def measure_run(n: int, s: int, args) -> dict[str, float]:
         "compute_mean_s": med(comp_mean),
         "control_s": med(control),
         "select_s": med(t["propose_s"] + t["select_s"] for t in tm),
+        # the slowest rank's proposal of its members' trials (over the group)
+        "rank_propose_s": med(max(t["proposed_s"] or [0.0]) for t in tm),
         "batch_bytes": batch_bytes,
-        # the trainer's time to send every rank its header, batch and states (group exchange)
+        # the trainer's time to send every rank its header and batch (group exchange)
         "inputs_s": med(t.get("inputs_s", float("nan")) for t in tm),
         "states_bytes": states_bytes,
         "idle": 1.0 - med(comp_mean) / med(cycles[w]),
     }
+
+
+def _busiest(t: dict) -> float:
+    """The slowest rank's seconds in a generation: receiving weights, proposing its members'
+    trials (over the group) and computing energies."""
+    n = len(t["compute_s"])
+    return max(
+        r + p + c
+        for r, p, c in zip(t.get("receive_s") or [0.0] * n, t.get("proposed_s") or [0.0] * n,
+                           t["compute_s"], strict=True)
+    )  # fmt: skip
 
 
 def cpu_seconds(pid: int) -> float:
@@ -244,8 +261,7 @@ def measure_control(n: int, args, generations: int = 12) -> dict[str, float]:
     med = statistics.median
     return {
         "wall_s": med(
-            g - t["sync_s"] - max(t["compute_s"])
-            for g, t in zip(gens[2:], timings[2:], strict=True)
+            g - t["sync_s"] - _busiest(t) for g, t in zip(gens[2:], timings[2:], strict=True)
         ),
         "chain_cpu_s": med(chain_cpu[2:]),
         "eval_cpu_s": med(eval_cpu[2:]),
@@ -344,29 +360,45 @@ def measure_bf16_energies(args) -> dict[str, float]:
     }
 
 
-def measure_de(units: int, sizes: list[int], seed: int, repeats: int = 3) -> dict[int, dict]:
-    """Seconds per generation of the coordinator's own work at population ``S`` (each of
-    ``sizes``) and ``units`` bits per state, in this process on one thread: ``propose`` (DE's
-    draws and bit operations on (S, D)), and ``select`` (packing the 2S candidates for the
-    evaluators, then selecting). Medians after one."""
-    out = {}
-    for size in sizes:
+def measure_de(units: int, shapes: list[tuple[int, int]], seed: int, repeats: int = 3) -> dict:
+    """The DE's work per generation over the process group at population ``S`` and ``units``
+    bits per state, in this process on one thread (medians after one), for each ``(S, m)`` of
+    ``shapes``:
+
+    - ``coordinator[S]``: pack the population for the broadcast, unpack the trials that came
+      back, select (diversity and median included);
+    - ``rank[(S, m)]``: one evaluator's proposal of ``m`` members' trials: unpack the
+      population, propose (parents, mutation, crossover: the members' own random streams),
+      pack the trials.
+    """
+    med = statistics.median
+    coordinator, rank = {}, {}
+    for size in sorted({s for s, _ in shapes}):
         cfg = load_config(
             None, [f"population_size={size}", "diversity_threshold=0", f"seed={seed}"]
         )
         search = Search.from_config(cfg, units)
-        propose, select = [], []
+        own = []
         for _ in range(1 + repeats):
+            everyone = search.proposer.trials(search.population.states, range(size),
+                                              search.generation)  # fmt: skip
+            packed = pack_rows(everyone)  # what the ranks send back, together
             t0 = time.perf_counter()
-            candidates = search.propose()
-            t1 = time.perf_counter()
-            pack_rows(candidates)
-            search.select(torch.rand(candidates.shape[0]))
-            propose.append(t1 - t0)
-            select.append(time.perf_counter() - t1)
-        med = statistics.median
-        out[size] = {"propose": med(propose[1:]), "select": med(select[1:])}
-    return out
+            pack_rows(search.population.states)
+            search.take_trials(unpack_rows(packed, units))
+            search.select(torch.rand(2 * size))
+            own.append(time.perf_counter() - t0)
+        coordinator[size] = med(own[1:])
+        rows = pack_rows(search.population.states)
+        for m in sorted({m for s, m in shapes if s == size}):
+            theirs = []
+            for _ in range(1 + repeats):
+                t0 = time.perf_counter()
+                states = unpack_rows(rows, units)
+                pack_rows(search.proposer.trials(states, range(m), search.generation))
+                theirs.append(time.perf_counter() - t0)
+            rank[(size, m)] = med(theirs[1:])
+    return {"coordinator": coordinator, "rank": rank}
 
 
 # --- extrapolated
@@ -407,21 +439,28 @@ def inputs_s(n: int, t: dict, args) -> float:
     return n * t["batch_bytes"] / (_gbs(n, args) * 1e9)
 
 
+def population_s(n: int, s: int, t: dict, args) -> float:
+    """The population's broadcast to the ranks (bit-packed, every generation), NCCL as for
+    the weights."""
+    return sync_s(n, s * math.ceil(t["units"] / 8), args)
+
+
 def cycle_s(n: int, s: int, t: dict, control, args, pipeline: bool = False) -> float:
     """One generation and its training step. ``pipeline``: the trainer's step runs while the
     evaluators judge on the weights from before it (``pipeline: true``), so the two overlap.
 
-    The coordinator's DE at population ``s`` (``t["de_s"]``, MEASURED): it packs and selects
-    between the judging and the step; it proposes the next generation during the step (the
-    coordinator proposes ahead), so only what outlasts the step shows, and with ``pipeline``,
-    where the next generation starts at once, all of it."""
-    per_eval = math.ceil(2 * s / n)
-    compute = max(args.pass_floor_ms / MS, per_eval * t["per_cand_s"])
-    judge = sync_s(n, t["bytes"], args) + inputs_s(n, t, args) + compute
-    de = t["de_s"][s]
+    The DE (``t["de"]``, MEASURED): each rank proposes its ceil(S / N) members' trials before
+    it judges; the coordinator packs the population before the exchange and selects after it,
+    on the critical path."""
+    members = math.ceil(s / n)
+    compute = max(args.pass_floor_ms / MS, 2 * members * t["per_cand_s"])
+    propose = t["de"]["rank"][(s, members)]
+    judge = sync_s(n, t["bytes"], args) + population_s(n, s, t, args) + inputs_s(n, t, args)
+    judge += propose + compute
+    own = t["de"]["coordinator"][s]
     if pipeline:
-        return max(t["train_s"], judge) + control(n) + de["select"] + de["propose"]
-    return t["train_s"] + judge + control(n) + de["select"] + max(0.0, de["propose"] - t["train_s"])
+        return max(t["train_s"], judge) + control(n) + own
+    return t["train_s"] + judge + control(n) + own
 
 
 def main() -> None:
@@ -447,9 +486,10 @@ def main() -> None:
         f"gloo, {args.threads} thread(s) per process, 2 shared CPU cores (medians, ms)",
         "",
         "| mode | N | S | cycle | trainer step | weight sync (bytes) | energy compute max/mean "
-        "| control (gather+select+RPC) | of which select | batch / states bytes (ms out) "
+        "| control (gather+select+RPC) | of which select | ranks' propose "
+        "| batch / population bytes (ms out) "
         "| idle |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, r in rows:
         lines.append(
@@ -457,6 +497,7 @@ def main() -> None:
             f"| {r['sync_s'] * MS:.1f} ({r['sync_bytes'] / 1e6:.1f} MB) "
             f"| {r['compute_max_s'] * MS:.0f} / {r['compute_mean_s'] * MS:.0f} "
             f"| {r['control_s'] * MS:.0f} | {r['select_s'] * MS:.1f} "
+            f"| {r['rank_propose_s'] * MS:.1f} "
             f"| {r['batch_bytes'] / 1e3:.0f} kB / {r['states_bytes']} B "
             f"({r['inputs_s'] * MS:.1f}) | {100 * r['idle']:.0f} % |"
         )
@@ -506,8 +547,9 @@ def main() -> None:
     models = {"2-core wall": lambda n: c1 + slope * (n - 1)}
 
     t = target_inputs(args)
-    sizes = sorted({args.target_S_per_eval * n for n in (1, 8, 64)} | {args.target_S})
-    t["de_s"] = measure_de(t["units"], sizes, args.seed)
+    shapes = [(args.target_S_per_eval * n, args.target_S_per_eval) for n in (1, 8, 64)]
+    shapes += [(args.target_S, math.ceil(args.target_S / n)) for n in (1, 8, 64)]
+    t["de"] = measure_de(t["units"], shapes, args.seed)
     lines += [
         "",
         f"## Extrapolated: {args.target_model} {args.target_input} px, energy batch "
@@ -526,14 +568,13 @@ def main() -> None:
         f"{args.inter_gbs:g} GB/s across nodes, {args.latency_us:g} us per tree level",
         f"- the energy batch ({t['batch_bytes'] / 1e6:.2f} MB): one copy per evaluator from the "
         "trainer, at the same ASSUMED bandwidth",
-        f"- the coordinator's DE on {t['units']} units per state, propose / pack and select, "
-        "MEASURED in process on one thread of this machine: "
-        + ", ".join(
-            f"S = {k}: {v['propose'] * MS:.1f} / {v['select'] * MS:.1f} ms"
-            for k, v in t["de_s"].items()
-        )
-        + ". It grows with the population (weak scaling: with N) and runs on one core; the "
-        "proposal overlaps the training step (`pipeline: false`)",
+        f"- the DE on {t['units']} units per state, MEASURED in process on one thread of this "
+        "machine. Each rank proposes its members' trials (unpack the population, propose, pack "
+        "the trials), S / members: "
+        + ", ".join(f"{k[0]} / {k[1]}: {v * MS:.1f} ms" for k, v in t["de"]["rank"].items())
+        + "; the coordinator packs the population and selects, at S = "
+        + ", ".join(f"{k}: {v * MS:.1f} ms" for k, v in t["de"]["coordinator"].items())
+        + ". The population goes to the ranks by broadcast, as the weights do",
         f"- control, 2-core wall: MEASURED here {c1 * MS:.1f} ms + {slope * MS:.2f} ms per "
         f"evaluator (least squares over N = {', '.join(str(int(n)) for n in cn)} evaluators "
         "judging next to nothing): gloo, Ray and Python on this machine's CPU; NCCL's cost per "

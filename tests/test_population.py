@@ -134,11 +134,12 @@ def test_tell_never_worsens_any_member_and_picks_lowest():
     assert ties > 20, "the energies must tie sometimes for this test to check `<=`"
 
 
-def test_diversity_matches_pairwise_hamming():
-    s = pop.init_states(size=7, num_units=33, p0=0.5, generator=gen(4))
-    d = (s[:, None, :] != s[None, :, :]).float().sum(-1)
-    expected = float(d.sum() / (7 * 6 * 33))
-    assert abs(pop.diversity(s) - expected) < 1e-6  # expected is float32
+@pytest.mark.parametrize("size", [7, 600])  # 600: the counts add up over chunks of 255 rows
+def test_diversity_matches_pairwise_hamming(size):
+    s = pop.init_states(size=size, num_units=33, p0=0.5, generator=gen(4))
+    d = (s[:, None, :] != s[None, :, :]).double().sum(-1)
+    expected = float(d.sum() / (size * (size - 1) * 33))
+    assert abs(pop.diversity(s) - expected) < 1e-9
     assert pop.diversity(s[:1].expand(5, -1)) == 0.0
 
 
