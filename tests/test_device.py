@@ -220,7 +220,9 @@ def test_the_actors_code_runs_on_another_device(data, monkeypatch):
 
     train_set, _test, info = data
     cfg = tiny()
-    states = Search.from_config(cfg, Learner(cfg, train_set, info, CPU).units.num_units).propose()
+    search = Search.from_config(cfg, Learner(cfg, train_set, info, CPU).units.num_units)
+    members = search.population.states
+    trials = search.propose()[members.shape[0] :]  # what the ranks must propose
     with other_device() as dev:
         monkeypatch.setattr(actors, "worker_device", lambda _name: dev)
         trainer = actors.Trainer(cfg, 1.0)
@@ -381,7 +383,9 @@ def test_the_group_exchange_keeps_every_wire_tensor_on_the_ranks_device(data, mo
 
     train_set, _test, info = data
     cfg = tiny()
-    states = Search.from_config(cfg, Learner(cfg, train_set, info, CPU).units.num_units).propose()
+    search = Search.from_config(cfg, Learner(cfg, train_set, info, CPU).units.num_units)
+    members = search.population.states
+    trials = search.propose()[members.shape[0] :]  # what the ranks must propose
     with other_device() as dev:
         wire = _DeviceWire(3, dev)
         monkeypatch.setattr(transport, "dist", wire)
@@ -398,7 +402,7 @@ def test_the_group_exchange_keeps_every_wire_tensor_on_the_ranks_device(data, mo
         def serve(k):
             wire.local.rank = k + 1
             with other_device():  # the device's guard is per thread
-                ended[k] = evaluators[k].serve(0)
+                ended[k] = evaluators[k].serve(0, search.proposer)
 
         threads = [threading.Thread(target=serve, args=(k,)) for k in range(2)]
         for th in threads:
@@ -406,14 +410,18 @@ def test_the_group_exchange_keeps_every_wire_tensor_on_the_ranks_device(data, mo
         wire.local.rank = 0
         x, y = trainer.energy_batch()  # kept by the trainer (outside Ray, under no task id)
         ref = type("Ref", (), {"task_id": lambda self: type("T", (), {"hex": lambda s: None})()})
-        out = trainer.judge(trainer.learner.step, 0, pack_rows(states), [ref()])
+        out = trainer.judge(trainer.learner.step, 0, pack_rows(members), 0, [ref()])
         assert trainer.member.stop(0, [1, 2]) == [1, 2]
         for th in threads:
             th.join(timeout=120)
-        want = torch.cat([
-            ev._judge(part, x.to(dev), y.to(dev))
-            for ev, part in zip(evaluators, torch.tensor_split(states, 2), strict=True)
-        ])  # fmt: skip
+        # each rank judges its members, then their trials; the answer: members, then trials
+        parts = [
+            ev._judge(torch.cat([m, t]), x.to(dev), y.to(dev)).tensor_split(2)
+            for ev, m, t in zip(evaluators, members.tensor_split(2), trials.tensor_split(2),
+                                strict=True)
+        ]  # fmt: skip
+        want = torch.cat([p[0] for p in parts] + [p[1] for p in parts])
+    assert torch.equal(torch.from_numpy(out["trials"]), torch.from_numpy(pack_rows(trials)))
     assert [e["ended"] for e in ended] == ["stopped", "stopped"]
     assert [e["served"] for e in ended] == [1, 1]
     assert out["sync"] is not None  # the weights went out, from the model's device

@@ -62,15 +62,18 @@ def _bits(mask: torch.Tensor) -> str:
 
 def test_defaults_reproduce_the_run_from_before_the_variants(data):
     """Regression values taken from the code before these keys existed (commit 5484e52, torch
-    2.14.1, one CPU thread): tiny.yaml, 12 steps of EDropout, then 4 dense steps."""
+    2.14.1, one CPU thread): tiny.yaml, 12 steps of EDropout, then 4 dense steps. The search's
+    draws changed with random streams version 2 (each member's trial from a stream of its own):
+    the best state and the losses from step 7 on are that version's; the first three losses
+    and the dense steps are still the values from before the variants."""
     learner = _learner(data)
     assert (learner.steps_per_epoch, learner.total_steps) == (22, 22)
     search, history = _run(learner, steps=12)
-    assert hashlib.sha256(_bits(search.best).encode()).hexdigest()[:16] == "a548efe7ed3431ab"
-    assert int(search.best.sum()) == 1340
+    assert hashlib.sha256(_bits(search.best).encode()).hexdigest()[:16] == "f25ee2aa052678e9"
+    assert int(search.best.sum()) == 1180
     assert [r["step"] for r in history] == [1, 3, 5, 7, 9, 11]
     before = ["0x1.3715960000000p+1", "0x1.cb19320000000p+0", "0x1.597a200000000p-1",
-              "0x1.3ce4140000000p+1", "0x1.dc70a60000000p+0", "0x1.57afd60000000p+1"]  # fmt: skip
+              "0x1.3e62680000000p+1", "0x1.46696c0000000p+1", "0x1.8a187c0000000p+1"]  # fmt: skip
     for r, loss in zip(history, before, strict=True):
         assert r["train_loss"] == pytest.approx(float.fromhex(loss), rel=1e-5)
     dense = _learner(data)
