@@ -220,9 +220,7 @@ def test_the_actors_code_runs_on_another_device(data, monkeypatch):
 
     train_set, _test, info = data
     cfg = tiny()
-    search = Search.from_config(cfg, Learner(cfg, train_set, info, CPU).units.num_units)
-    members = search.population.states
-    trials = search.propose()[members.shape[0] :]  # what the ranks must propose
+    states = Search.from_config(cfg, Learner(cfg, train_set, info, CPU).units.num_units).propose()
     with other_device() as dev:
         monkeypatch.setattr(actors, "worker_device", lambda _name: dev)
         trainer = actors.Trainer(cfg, 1.0)
