@@ -91,16 +91,21 @@ class Proposer:
             generator=generators,
             members=members,
         )
+        return self.repair(trials, generators)
+
+    def repair(self, states: torch.Tensor, generator: pop.Generators) -> torch.Tensor:
+        """``states`` within the budgets: the kept-unit cap (``target_prune_rate``), then the
+        parameter and MAC budgets; ``generator``: one, or one per state."""
         if self.max_kept < self.num_units:
-            trials = pop.repair(trials, max_kept=self.max_kept, generator=generators)
+            states = pop.repair(states, max_kept=self.max_kept, generator=generator)
         if self.max_params is None and self.max_macs is None:
-            return trials
+            return states
         return repair_budget(
-            trials,
+            states,
             self.counter,
             max_params=self.max_params,
             max_macs=self.max_macs,
-            generator=generators,
+            generator=generator,
         )
 
 
@@ -125,12 +130,10 @@ class Search:
         if cfg.target_prune_rate is not None:
             # at least one unit stays on: an all-off network has no signal to learn from
             self.max_kept = max(1, math.floor((1.0 - cfg.target_prune_rate) * num_units))
-            states = pop.repair(states, max_kept=self.max_kept, generator=self.generator)
-        states = self._repair_budget(states)
         self.proposer = Proposer(
             cfg, num_units, self.max_kept, self.max_params, self.max_macs, counter
         )
-        self.population = pop.start(states)
+        self.population = pop.start(self.proposer.repair(states, self.generator))
         self.probes = self._probes()
         self.frozen = False
         self.converged_at: int | None = None
@@ -216,17 +219,6 @@ class Search:
             "energy_gap": median - self.population.best_energy,
         }
 
-    def _repair_budget(self, states: torch.Tensor) -> torch.Tensor:
-        if self.max_params is None and self.max_macs is None:
-            return states
-        return repair_budget(
-            states,
-            self.counter,
-            max_params=self.max_params,
-            max_macs=self.max_macs,
-            generator=self.generator,
-        )
-
     def _probes(self) -> torch.Tensor | None:
         """(K, D) bool: ``probe_members`` random states drawn once from their own stream (p0, and
         the same budgets as the population), so the search draws exactly what it draws without
@@ -239,13 +231,7 @@ class Search:
         probes = pop.init_states(
             size=cfg.probe_members, num_units=self.num_units, p0=cfg.p0, generator=g
         )
-        if self.max_kept < self.num_units:
-            probes = pop.repair(probes, max_kept=self.max_kept, generator=g)
-        if self.max_params is None and self.max_macs is None:
-            return probes
-        return repair_budget(
-            probes, self.counter, max_params=self.max_params, max_macs=self.max_macs, generator=g
-        )
+        return self.proposer.repair(probes, g)
 
     def sample_member(self, generator: torch.Generator) -> torch.Tensor:
         """(D,) bool: a member drawn with probability ``softmax(-z)``, z its standardised energy
