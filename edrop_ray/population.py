@@ -87,7 +87,11 @@ _MUTATIONS: dict[str, MutationFn] = {}
 
 def register_mutation(name: str) -> Callable[[MutationFn], MutationFn]:
     """Decorator: make ``fn(s_a, s_b, s_c, *, F, kappa, generator) -> mutant`` the mutation
-    operator called ``name`` (``--set mutation=name``). All states are (S, D) bool."""
+    operator called ``name`` (``--set mutation=name``). :func:`ask` calls it once per member,
+    with the three parents' rows as (1, D) bool and that member's generator (draw only from it:
+    then the member's trial is the same whichever process proposes it). An operator that
+    proposes on a Ray cluster must be registered in the evaluators' processes too (imported
+    with the model, say)."""
 
     def register(fn: MutationFn) -> MutationFn:
         _MUTATIONS[name] = fn
