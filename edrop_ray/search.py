@@ -93,6 +93,15 @@ class Proposer:
         )
         return self.repair(trials, generators)
 
+    def candidates(
+        self, states: torch.Tensor, members: range, generation: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What is judged of ``members`` (a range of the population) in ``generation``: the
+        members then their trials, (2 len(members), D) bool, and the trials alone. The whole
+        population's is :meth:`Search.propose`'s; an evaluator judges its shard's."""
+        trials = self.trials(states, members, generation)
+        return torch.cat([states[members.start : members.stop], trials]), trials
+
     def repair(self, states: torch.Tensor, generator: pop.Generators) -> torch.Tensor:
         """``states`` within the budgets: the kept-unit cap (``target_prune_rate``), then the
         parameter and MAC budgets; ``generator``: one, or one per state."""
@@ -121,18 +130,17 @@ class Search:
         self.params = cfg
         self.num_units = num_units
         self.counter = counter
-        self.max_params, self.max_macs = _budgets(cfg, counter, num_units)
+        max_params, max_macs = _budgets(cfg, counter, num_units)
         self.generator = stream(cfg.seed, "population")
         states = pop.init_states(
             size=cfg.population_size, num_units=num_units, p0=cfg.p0, generator=self.generator
         )
-        self.max_kept = num_units
+        max_kept = num_units
         if cfg.target_prune_rate is not None:
             # at least one unit stays on: an all-off network has no signal to learn from
-            self.max_kept = max(1, math.floor((1.0 - cfg.target_prune_rate) * num_units))
-        self.proposer = Proposer(
-            cfg, num_units, self.max_kept, self.max_params, self.max_macs, counter
-        )
+            max_kept = max(1, math.floor((1.0 - cfg.target_prune_rate) * num_units))
+        # the budgets live in the proposer, which every process that proposes gets
+        self.proposer = Proposer(cfg, num_units, max_kept, max_params, max_macs, counter)
         self.population = pop.start(self.proposer.repair(states, self.generator))
         self.probes = self._probes()
         self.frozen = False
@@ -153,6 +161,19 @@ class Search:
     def generation(self) -> int:
         return self.population.generation
 
+    @property
+    def max_kept(self) -> int:
+        """The most units a state may keep (``target_prune_rate``; D without it)."""
+        return self.proposer.max_kept
+
+    @property
+    def max_params(self) -> int | None:
+        return self.proposer.max_params
+
+    @property
+    def max_macs(self) -> int | None:
+        return self.proposer.max_macs
+
     def propose(self) -> torch.Tensor:
         """Members then trials of the next generation: (2S, D) bool, to be judged together.
 
@@ -160,9 +181,10 @@ class Search:
         own: :class:`Proposer`), so proposing ahead, or again, changes nothing.
         """
         states = self.population.states
-        trials = self.proposer.trials(states, range(states.shape[0]), self.generation)
-        self._trials = trials
-        return torch.cat([states, trials])
+        candidates, self._trials = self.proposer.candidates(
+            states, range(states.shape[0]), self.generation
+        )
+        return candidates
 
     def take_trials(self, trials: torch.Tensor) -> None:
         """Take the next generation's trials proposed elsewhere (by the processes that judged

@@ -329,11 +329,10 @@ class Evaluator:
                 t0 = time.perf_counter()
                 rows = req.rows.cpu().numpy()
                 states = unpack_rows(rows, self.units.num_units)
-                trials = proposer.trials(states, req.members, req.generation)
+                candidates, trials = proposer.candidates(states, req.members, req.generation)
                 t1 = time.perf_counter()
-                members = states[req.members.start : req.members.stop]
-                if members.shape[0]:
-                    energies = self._judge(torch.cat([members, trials]), req.x, req.y)
+                if candidates.shape[0]:
+                    energies = self._judge(candidates, req.x, req.y)
                 else:  # more ranks than members: nothing to judge
                     energies = torch.empty(0)
                 seconds = (time.perf_counter() - t1, req.receive_s, t1 - t0)

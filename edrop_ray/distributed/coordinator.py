@@ -301,10 +301,8 @@ class Coordinator:
         return future.result()
 
     def state_dict(self) -> dict[str, Any]:
-        """The search's state before any proposal under way (the proposal stays; one that
-        failed raises at the next generation, as a proposal made then would)."""
-        if self._ahead is not None:
-            wait([self._ahead])
+        """The search's state; a proposal under way is not in it (it draws from no state the
+        search keeps, so a resumed run proposes the same again)."""
         return self.search.state_dict()
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
