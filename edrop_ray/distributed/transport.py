@@ -406,7 +406,7 @@ class GroupMember:
         floats[: energies.numel()] = energies.reshape(-1).double().cpu()
         floats[energies.numel() :] = torch.tensor([*seconds, _DTYPES.index(energies.dtype)],
                                                   dtype=torch.float64)  # fmt: skip
-        out = torch.cat([floats.view(torch.uint8), trials.reshape(-1).cpu()])
+        out = _as_bytes([floats, trials.cpu()])
         dist.send(out.to(self.device), dst=0)
 
 
