@@ -35,9 +35,9 @@ def main() -> None:
     cfg = load_config(None, ["backend=ray", "patience=1000000", "diversity_threshold=0",
                              *args.overrides])  # fmt: skip
     train_set, _test, info = load_for(cfg)
-    num_units = Learner(cfg, train_set, info, torch.device("cpu")).units.num_units
+    units = Learner(cfg, train_set, info, torch.device("cpu")).units
     t0 = time.perf_counter()
-    runtime = RayRuntime(cfg, info, num_units)
+    runtime = RayRuntime(cfg, info, units)
     print(f"config: {cfg.dataset} {cfg.model} {cfg.input_size}px S={cfg.population_size} "
           f"energy_batch={cfg.energy_batch_size} evolve_every={cfg.evolve_every}; "
           f"{runtime.transport_line}; start-up {time.perf_counter() - t0:.1f} s")  # fmt: skip

@@ -124,7 +124,7 @@ def start_runtime(cfg):
     _train, _test, info = load_for(cfg)
     model = build_model(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels)
     units = discover_units(model, example_input(info.in_channels, cfg.input_size))
-    return RayRuntime(cfg, info, units.num_units), info
+    return RayRuntime(cfg, info, units), info
 
 
 def measure_run(n: int, s: int, args) -> dict[str, float]:

@@ -29,6 +29,7 @@ from .errors import UserError
 from .models import Replica, build_replica, replica_of
 from .seeds import stream, stream_seed
 from .train import build_optimizer, build_scheduler, evaluate, train_step
+from .units import Units
 
 __all__ = [
     "Learner",
@@ -89,7 +90,8 @@ class Learner:
     ``example_inputs``, one CPU batch on which its units are traced. ``optimizer`` replaces the
     one built from the config (a given one keeps its own lr: no schedule); ``masked=False``
     trains ``model`` as it is (no units, no masker: e.g. a physically slimmed model);
-    ``start_step`` is the step of the budget it starts at.
+    ``start_step`` is the step of the budget it starts at; ``units``: the model's units when
+    another process traced them already (:func:`~edrop_ray.models.replica_of`).
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class Learner:
         optimizer: torch.optim.Optimizer | None = None,
         masked: bool = True,
         start_step: int = 0,
+        units: Units | None = None,
     ):
         self.cfg = cfg
         self.train_set = train_set
@@ -111,7 +114,7 @@ class Learner:
         self.device = device
         if model is None:
             torch.manual_seed(stream_seed(cfg.seed, "init"))  # the weights' initialisation
-            replica = build_replica(cfg, info, device)
+            replica = build_replica(cfg, info, device, units)
         elif not masked:  # e.g. a physically slimmed model: nothing to trace, nothing to mask
             fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
             replica = Replica(model.to(device=device, memory_format=fmt), None, None,
@@ -119,7 +122,7 @@ class Learner:
         else:
             if example_inputs is None:
                 raise ValueError("a Learner given a model needs its example_inputs")
-            replica = replica_of(model, example_inputs, cfg, device)
+            replica = replica_of(model, example_inputs, cfg, device, units)
         self.model, self.units = replica.model, replica.units
         self.masker = replica.masker if masked else None  # unmasked: every step trains dense
         self.example, self.memory_format = replica.example, replica.memory_format
@@ -337,7 +340,12 @@ class OwnModel:
     example: torch.Tensor
 
     def learner(
-        self, cfg: Config, train_set: Dataset, info: DataInfo, device: torch.device
+        self,
+        cfg: Config,
+        train_set: Dataset,
+        info: DataInfo,
+        device: torch.device,
+        units: Units | None = None,
     ) -> Learner:
         """A :class:`Learner` that trains a fresh copy of :attr:`module`."""
         return Learner(
@@ -347,6 +355,7 @@ class OwnModel:
             device,
             model=copy.deepcopy(self.module),
             example_inputs=self.example,
+            units=units,
         )
 
 

@@ -31,7 +31,7 @@ from torchvision import models as tvm
 from .errors import UserError
 from .imports import describe_exception, is_import_path, resolve_callable
 from .masking import Masker
-from .units import Units, discover_units
+from .units import Units, check_fits, discover_units
 
 if TYPE_CHECKING:
     from .config import Config
@@ -326,13 +326,16 @@ def _discover(cfg: Config, model: nn.Module, example: torch.Tensor) -> Units:
         ) from None
 
 
-def build_replica(cfg: Config, info: DataInfo, device: torch.device) -> Replica:
+def build_replica(
+    cfg: Config, info: DataInfo, device: torch.device, units: Units | None = None
+) -> Replica:
     """The run's model on ``device`` (channels-last if configured), its units found by tracing on
     the CPU, and a :class:`Masker` on it. The trainer and every evaluator build theirs here, so
     their models, units and hooks are the same. Seed torch first for reproducible weights.
 
     With ``init_weights`` the file's weights replace the initial ones (after the stem is adapted),
-    so the dense baseline, the trainer and every evaluator start from them."""
+    so the dense baseline, the trainer and every evaluator start from them. ``units``: the
+    model's units when already traced (the driver's, shipped to the actors), checked to fit."""
     model = build_model(
         cfg.model,
         num_classes=info.num_classes,
@@ -341,16 +344,28 @@ def build_replica(cfg: Config, info: DataInfo, device: torch.device) -> Replica:
     )
     if cfg.init_weights:
         load_init_weights(model, cfg.init_weights)
-    return replica_of(model, example_input(info.in_channels, cfg.input_size), cfg, device)
+    example = example_input(info.in_channels, cfg.input_size)
+    return replica_of(model, example, cfg, device, units)
 
 
 def replica_of(
-    model: nn.Module, example: torch.Tensor, cfg: Config, device: torch.device
+    model: nn.Module,
+    example: torch.Tensor,
+    cfg: Config,
+    device: torch.device,
+    units: Units | None = None,
 ) -> Replica:
     """:func:`build_replica` for a model that already exists (a user's own, with its weights):
-    its units traced on the CPU with ``example`` (a CPU batch), then moved to ``device``."""
+    its units traced on the CPU with ``example`` (a CPU batch), then moved to ``device``.
+
+    Given ``units`` (traced by another process on the same model), they are checked to fit
+    this model and the tracing is skipped: tracing takes seconds of CPU and Torch-Pruning's
+    import, paid once by the driver instead of once per actor."""
     model = model.to("cpu")
-    units = _discover(cfg, model, example)
+    if units is None:
+        units = _discover(cfg, model, example)
+    else:
+        check_fits(units, model)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=fmt)
     return Replica(model, units, Masker(model, units), example, fmt)

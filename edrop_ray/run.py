@@ -78,7 +78,7 @@ def _start_runtime(cfg: Config, local: Learner, own: OwnModel | None, counter):
     return RayRuntime(
         cfg,
         local.info,
-        local.units.num_units,
+        local.units,
         counter=counter,
         own=own,
         train_set=local.train_set,

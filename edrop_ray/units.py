@@ -17,7 +17,14 @@ from torch import nn
 if TYPE_CHECKING:
     import torch_pruning as tp
 
-__all__ = ["UnitGroup", "Units", "discover_units", "find_classifier", "build_dependency"]
+__all__ = [
+    "UnitGroup",
+    "Units",
+    "discover_units",
+    "check_fits",
+    "find_classifier",
+    "build_dependency",
+]
 
 _PRUNABLE = (nn.Conv2d, nn.Linear)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -57,6 +64,28 @@ class Units:
     def layer_of_units(self) -> list[str]:
         """Root layer name of every unit, length D."""
         return [g.root for g in self.groups for _ in range(g.size)]
+
+    def __reduce__(self):
+        # Pickled compactly (the driver ships its units to every actor, inline in the actor's
+        # creation call): a layer whose channels are consecutive units, as nearly all are, is
+        # its first unit and its width, not a long per channel (ResNet-50: 459 kB -> a few kB).
+        wire = {name: _compact(unit_of) for name, unit_of in self.channel_units.items()}
+        return _from_wire, (self.groups, self.num_units, tuple(self.mask_points), wire)
+
+
+def _compact(unit_of: torch.Tensor) -> tuple[int, int] | torch.Tensor:
+    first, n = int(unit_of[0]), unit_of.numel()
+    if torch.equal(unit_of, torch.arange(first, first + n)):
+        return first, n
+    return unit_of
+
+
+def _from_wire(groups, num_units, mask_names, wire) -> Units:
+    channel_units = {
+        name: torch.arange(u[0], u[0] + u[1]) if isinstance(u, tuple) else u
+        for name, u in wire.items()
+    }
+    return Units(groups, num_units, {n: channel_units[n] for n in mask_names}, channel_units)
 
 
 def find_classifier(model: nn.Module, example_inputs: torch.Tensor) -> nn.Module:
@@ -145,6 +174,22 @@ def discover_units(model: nn.Module, example_inputs: torch.Tensor) -> Units:
         mask_points={n: channel_units[n] for n in dict.fromkeys(mask_names)},
         channel_units=channel_units,
     )
+
+
+def check_fits(units: Units, model: nn.Module) -> None:
+    """Raise ValueError unless every layer ``units`` names is in ``model``, a conv, linear or
+    BatchNorm with the output channels the units give it: units traced elsewhere (another
+    process's copy of the model) fit this copy."""
+    modules = dict(model.named_modules())
+    for name, unit_of in units.channel_units.items():
+        module = modules.get(name)
+        if not isinstance(module, _PRUNABLE + _NORMS):
+            raise ValueError(f"the units name layer {name!r}, which this model has not")
+        if _out_channels(module) != unit_of.numel():
+            raise ValueError(
+                f"the units give layer {name!r} {unit_of.numel()} output channels; "
+                f"this model's has {_out_channels(module)}"
+            )
 
 
 def _out_channels(module: nn.Module) -> int:

@@ -1,12 +1,18 @@
 """Masking, energy and slimming invariants over the whole model grid (32 px, CPU)."""
 
+import copy
+import dataclasses
+import pickle
+
 import pytest
 import torch
 from torch import nn
 
 from edrop_ray.energy import compute_energies, compute_energies_looped
 from edrop_ray.masking import Masker
+from edrop_ray.models import build_model
 from edrop_ray.slim import count_params_macs, slim_model
+from edrop_ray.units import check_fits
 
 
 def random_states(n, num_units, seed, p=0.6):
@@ -27,6 +33,44 @@ def test_units_exclude_the_classifier_and_cover_the_model(grid_model):
         )
         assert unit_of.min() >= 0 and unit_of.max() < units.num_units
     assert set(units.mask_points) <= set(units.channel_units)
+
+
+def test_units_traced_elsewhere_fit_the_same_model_and_no_other(grid_model):
+    """The actors take the driver's units instead of tracing their own copy: on a copy of the
+    same model they pass the check; on a model with other layers or widths they are refused."""
+    name, model, units, x = grid_model
+    check_fits(units, copy.deepcopy(model))
+    other = build_model("resnet18" if name != "resnet18" else "alexnet", num_classes=7)
+    with pytest.raises(ValueError, match="units"):
+        check_fits(units, other)
+    narrower = copy.deepcopy(model)
+    layer = next(iter(units.channel_units))
+    module = dict(narrower.named_modules())[layer]
+    for attr in ("out_channels", "out_features", "num_features"):
+        if hasattr(module, attr):
+            setattr(module, attr, getattr(module, attr) - 1)
+    with pytest.raises(ValueError, match="output channels"):
+        check_fits(units, narrower)
+
+
+def test_units_pickle_compactly_and_come_back_the_same(grid_model):
+    """Units travel to every actor inline in its creation call: consecutive channels pickle as
+    (first unit, width), any other layer as its tensor, and all come back equal, with the mask
+    points still the very tensors of the channel map."""
+    _name, _model, units, _x = grid_model
+    layer = next(iter(units.channel_units))
+    shuffled = dict(units.channel_units)
+    shuffled[layer] = units.channel_units[layer].flip(0)  # not consecutive: sent as a tensor
+    odd = dataclasses.replace(units, channel_units=shuffled)
+    for u in (units, odd):
+        back = pickle.loads(pickle.dumps(u))
+        assert (back.groups, back.num_units) == (u.groups, u.num_units)
+        assert list(back.channel_units) == list(u.channel_units)
+        assert list(back.mask_points) == list(u.mask_points)
+        for k, v in u.channel_units.items():
+            assert torch.equal(back.channel_units[k], v) and back.channel_units[k].dtype == v.dtype
+        assert all(back.mask_points[k] is back.channel_units[k] for k in back.mask_points)
+    assert len(pickle.dumps(units)) < 8 * sum(v.numel() for v in units.channel_units.values())
 
 
 def test_masked_unit_outputs_zero_and_gets_zero_gradient(grid_model):

@@ -89,7 +89,7 @@ def _drive(cfg, on_generation, rejoin_s: float = 0.0):
     with ``rejoin_s``, wait that long at most for evaluators marked dead to rejoin."""
     train_set, _test, info = load_datasets(cfg.dataset, data_root=".", input_size=cfg.input_size)
     local = Learner(cfg, train_set, info, torch.device("cpu"))
-    runtime = RayRuntime(cfg, info, local.units.num_units)
+    runtime = RayRuntime(cfg, info, local.units)
     try:
         run_edropout(
             runtime.learner,
@@ -294,13 +294,12 @@ def test_a_failure_while_the_actors_start_kills_them(cluster, tmp_path, monkeypa
     assert not (tmp_path / "run").exists()
 
 
-def test_the_coordinator_boots_without_the_model_code_and_the_trainer_takes_the_drivers_data(
-    cluster,
-):
+def test_the_actors_boot_on_the_drivers_units_and_data(cluster):
     """The coordinator holds states, never a model: its process must not import torchvision,
     Torch-Pruning or scikit-learn (seconds of CPU per process; it imports the actors' module to
-    unpickle its handles to them). A data set the driver holds in memory goes to the trainer,
-    which then never reads it again (digits: no scikit-learn in the trainer either)."""
+    unpickle its handles to them). The trainer and the evaluators take the units the driver
+    traced, so they never import Torch-Pruning either. A data set the driver holds in memory
+    goes to the trainer, which then never reads it again (digits: no scikit-learn)."""
 
     def heavy_modules(_actor) -> list[str]:  # defined here: pickled by value, run in the actor
         import sys
@@ -310,7 +309,7 @@ def test_the_coordinator_boots_without_the_model_code_and_the_trainer_takes_the_
     cfg = load_config(TINY, [*SAME, "num_evaluators=1"])
     train_set, _test, info = load_datasets(cfg.dataset, data_root=".", input_size=cfg.input_size)
     local = Learner(cfg, train_set, info, torch.device("cpu"))
-    runtime = RayRuntime(cfg, info, local.units.num_units, train_set=train_set)
+    runtime = RayRuntime(cfg, info, local.units, train_set=train_set)
     try:
         coordinator, trainer, evaluator = (
             ray.get(a.__ray_call__.remote(heavy_modules), timeout=120)
@@ -321,5 +320,5 @@ def test_the_coordinator_boots_without_the_model_code_and_the_trainer_takes_the_
         runtime.shutdown()
     assert coordinator == []
     # the actors that hold a model do import the model code (the check above can fail)
-    assert trainer == evaluator == ["torch_pruning", "torchvision"]
+    assert trainer == evaluator == ["torchvision"]
     assert steps == local.total_steps

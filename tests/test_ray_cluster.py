@@ -40,7 +40,7 @@ def test_strict_spread_puts_one_evaluator_per_node_and_survives_losing_a_node(cl
     )  # fmt: skip
     train_set, _test, info = load_datasets("digits", data_root=".", input_size=cfg.input_size)
     local = Learner(cfg, train_set, info, torch.device("cpu"))
-    runtime = RayRuntime(cfg, info, local.units.num_units)
+    runtime = RayRuntime(cfg, info, local.units)
     removed = []
     try:
         nodes = [i["node_id"] for i in runtime.identities()]

@@ -47,7 +47,8 @@ class Trainer:
 
     own: a user's own network (:class:`~edrop_ray.learner.OwnModel`), else ``cfg.model``;
     data: ``(train_set, info)`` shipped once through the object store (a user's data, or a set
-    the driver holds in memory), else read from ``cfg``'s data set where the trainer runs.
+    the driver holds in memory), else read from ``cfg``'s data set where the trainer runs;
+    units: the driver's :class:`~edrop_ray.units.Units` of the model (none: traced here).
 
     The process-group calls (``group_address``, ``join_group``, ``publish``) run in their own
     thread (the ``comm`` concurrency group, :data:`CONCURRENCY_GROUPS`), so a broadcast can go
@@ -57,7 +58,7 @@ class Trainer:
     changes a staged buffer, and a version can never be staged from weights mid-step.
     """
 
-    def __init__(self, cfg: Config, cpus: float, own=None, data=None):
+    def __init__(self, cfg: Config, cpus: float, own=None, data=None, units=None):
         from ..data import load_for
         from ..learner import Learner
 
@@ -69,9 +70,9 @@ class Trainer:
             train_set, info = data
         device = worker_device(cfg.device)
         if own is None:
-            self.learner = Learner(cfg, train_set, info, device)
+            self.learner = Learner(cfg, train_set, info, device, units=units)
         else:
-            self.learner = own.learner(cfg, train_set, info, device)
+            self.learner = own.learner(cfg, train_set, info, device, units)
         self.member: GroupMember | None = None
         self._batch: tuple[str | None, Any] = (None, None)  # the last energy batch, by task
         self._lock = threading.Lock()  # the model between a training step and a staging
@@ -218,9 +219,10 @@ class Trainer:
 
 class Evaluator:
     """A model replica that judges a shard of candidate states on the generation's batch
-    (``cfg.model``, or ``own``: a user's network, this actor's own unpickled copy)."""
+    (``cfg.model``, or ``own``: a user's network, this actor's own unpickled copy), its
+    ``units`` the driver's (none: traced here)."""
 
-    def __init__(self, cfg: Config, info: DataInfo, index: int, own=None):
+    def __init__(self, cfg: Config, info: DataInfo, index: int, own=None, units=None):
         from ..models import build_replica, replica_of
 
         set_cpu_threads(cfg.cpu_threads, cfg.cpus_per_evaluator)
@@ -228,9 +230,9 @@ class Evaluator:
         self.index = index
         self.device = worker_device(cfg.device)
         if own is None:
-            replica = build_replica(cfg, info, self.device)
+            replica = build_replica(cfg, info, self.device, units)
         else:
-            replica = replica_of(own.module, own.example, cfg, self.device)
+            replica = replica_of(own.module, own.example, cfg, self.device, units)
         self.model, self.units, self.masker = replica.model.eval(), replica.units, replica.masker
         self.memory_format = replica.memory_format
         self.member: GroupMember | None = None
