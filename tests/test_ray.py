@@ -74,6 +74,15 @@ def test_ray_backend_equals_local_backend(cluster, local_run, tmp_path, transpor
         assert a["best_energy"] == pytest.approx(b["best_energy"], abs=1e-6)
         assert a["mean_energy"] == pytest.approx(b["mean_energy"], abs=1e-6)
         assert a["evaluators"] == 2
+    # the snapshots the driver fetches from the coordinator when due are the local run's
+    ray_pop = pq.read_table(out / "population.parquet").to_pylist()
+    local_pop = pq.read_table(local_run / "population.parquet").to_pylist()
+    assert len({r["generation"] for r in ray_pop}) > 2
+    assert [(r["generation"], r["member"], r["bits"]) for r in ray_pop] == [
+        (r["generation"], r["member"], r["bits"]) for r in local_pop
+    ]
+    for a, b in zip(ray_pop, local_pop, strict=True):
+        assert a["energy"] == pytest.approx(b["energy"], abs=1e-6)
     ra = json.loads((out / "report.json").read_text())
     rb = json.loads((local_run / "report.json").read_text())
     assert ra["backend"] == "ray" and rb["backend"] == "local"

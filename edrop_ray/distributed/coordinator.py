@@ -75,7 +75,9 @@ class Coordinator:
     def generation(
         self, batch: list[ray.ObjectRef], weights: list[ray.ObjectRef] | None, version: int
     ) -> dict[str, Any]:
-        """Propose, evaluate across evaluators, select; return the record and the new state.
+        """Propose, evaluate across evaluators, select; return the record and the best state
+        (the population stays here: :meth:`population` hands it out when asked, S x D bits
+        that the driver needs only for its snapshots and checkpoints).
 
         Over the process group the evaluators propose their own shards' trials (the search's
         :class:`~edrop_ray.search.Proposer`, the same trials); on every other path the
@@ -106,15 +108,17 @@ class Coordinator:
              "proposed_s": self._proposed, **self._phases,
              "select_s": time.perf_counter() - t3}
         )  # fmt: skip
-        p = self.search.population
         record["evaluators"] = self.pool.num_healthy()
         return {
             "record": record,
-            "best": p.best,
-            "states": p.states,
-            "energies": p.energies,
+            "best": self.search.population.best,
             "converged_at": self.search.converged_at,
         }
+
+    def population(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current population's (states, energies)."""
+        p = self.search.population
+        return p.states, p.energies
 
     # --- the process group
     def _form_group(self, want: list[int]) -> bool:

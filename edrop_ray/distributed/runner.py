@@ -329,7 +329,7 @@ class RemoteLearner:
 
 
 class _PopulationView:
-    """What the driver keeps of the population after each generation (for snapshots)."""
+    """The population as the driver sees it (for snapshots)."""
 
     def __init__(self, states: torch.Tensor, energies: torch.Tensor):
         self.states = states
@@ -346,15 +346,29 @@ class RemoteSearch:
 
     def _pull(self) -> None:
         sd = ray.get(self.coordinator.state_dict.remote(), timeout=_CONTROL_TIMEOUT_S)
-        self._apply(sd["best"], sd["states"], sd["energies"], bool(sd["frozen"]))
+        self._apply(sd["best"], bool(sd["frozen"]))
+        self._population = _PopulationView(sd["states"], sd["energies"])
         self.generation = int(sd["generation"])
         c = int(sd["converged_at"])
         self.converged_at = None if c < 0 else c
 
-    def _apply(self, best, states, energies, frozen) -> None:
+    def _apply(self, best, frozen) -> None:
         self.best = best
-        self.population = _PopulationView(states, energies)
         self.frozen = frozen
+        self._population: _PopulationView | None = None  # the coordinator's, not fetched yet
+
+    @property
+    def population(self) -> _PopulationView:
+        """The coordinator's current population, fetched the first time it is asked for after
+        a generation: S x D bits that the driver needs only for its snapshots
+        (``snapshot_every``), so a generation does not carry them (11.7 MB at S = 1024 on
+        ResNet-50's units)."""
+        if self._population is None:
+            states, energies = ray.get(
+                self.coordinator.population.remote(), timeout=_CONTROL_TIMEOUT_S
+            )
+            self._population = _PopulationView(states, energies)
+        return self._population
 
     def run_generation(self, learner: RemoteLearner) -> dict[str, Any]:
         """One generation on the trainer's current weights W_t (t = ``learner.step``).
@@ -376,7 +390,7 @@ class RemoteSearch:
             learner.start_train(self.best, stage=version if fresh else None)
         out = ray.get(ref, timeout=timeout)
         record = out["record"]
-        self._apply(out["best"], out["states"], out["energies"], record["frozen"])
+        self._apply(out["best"], record["frozen"])
         self.generation = record["generation"]
         self.converged_at = out["converged_at"]
         return record
