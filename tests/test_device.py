@@ -309,10 +309,16 @@ def test_bf16_autocast_and_channels_last_keep_the_invariants(data, channels_last
     torch.testing.assert_close(masked, exact, rtol=0, atol=0.05 * scale + 1e-2)
 
 
+# The element types NCCL reduces and moves (ncclDataType_t as torch maps it): no bool.
+_NCCL_DTYPES = {torch.uint8, torch.int8, torch.int32, torch.int64, torch.float16, torch.float32,
+                torch.float64, torch.bfloat16}  # fmt: skip
+
+
 class _DeviceWire:
     """``torch.distributed`` as NCCL sees it, in one process: ranks are threads, and every
     tensor handed to a send, receive or broadcast must live on the rank's device (NCCL takes
-    only CUDA tensors), else AssertionError."""
+    only CUDA tensors), be dense and contiguous, and be of an element type NCCL has, else
+    AssertionError."""
 
     def __init__(self, world: int, device: torch.device):
         import queue
@@ -330,6 +336,8 @@ class _DeviceWire:
 
     def _on_device(self, t: torch.Tensor, op: str) -> None:
         assert t.device == self.device, f"{op} of a {t.device} tensor; the rank is on {self.device}"
+        assert t.dtype in _NCCL_DTYPES, f"{op} of a {t.dtype} tensor: NCCL has no such type"
+        assert t.layout == torch.strided and t.is_contiguous(), f"{op} of a non-contiguous tensor"
 
     class _Done:
         def wait(self, timeout=None):
