@@ -73,6 +73,8 @@ def main() -> None:
     args = p.parse_args()
     cfg = load_config(None, ["backend=ray", "patience=1000000", "diversity_threshold=0",
                              *args.overrides])  # fmt: skip
+    if cfg.cpu_threads:  # as a local run sets it (edrop_ray.run.execute)
+        torch.set_num_threads(cfg.cpu_threads)
     train_set, _test, info = load_for(cfg)
     local = Learner(cfg, train_set, info, torch.device("cpu"))
     sides = {"local": (local, Search.from_config(cfg, local.units.num_units))}
