@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import time
+from pathlib import Path
 
 import torch
 
@@ -33,6 +36,37 @@ def emit(text: str, out: str) -> None:
     """Print a benchmark's tables, and write them to ``out`` too when given."""
     print(text)
     if out:
-        from pathlib import Path
-
         Path(out).write_text(text + "\n")
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids of every process below ``pid`` (by their parent pids in /proc): the processes
+    a benchmark started, found without matching any name."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # ended between the listing and the read
+            parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds a process of this machine has run, all its threads, to the nanosecond
+    (Linux schedstat; /proc/PID/stat counts in 10 ms ticks, too coarse for one generation)."""
+    if pid == os.getpid():
+        return time.process_time()
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that ended between the listing and the read
+    return total / 1e9

@@ -71,7 +71,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import add_common_args, csv, emit
+from _common import add_common_args, cpu_seconds, csv, emit
 
 from edrop_ray.cluster import PRIVATE_INSTANCE
 from edrop_ray.config import load_config
@@ -167,7 +167,7 @@ def measure_run(n: int, s: int, args) -> dict[str, float]:
     busy = [_busiest(t) for t in tm]
     control = [g - t["sync_s"] - b for g, t, b in zip(gens[w], tm, busy, strict=True)]
     med = statistics.median
-    states_bytes = s * math.ceil(runtime.num_units / 8)  # the population, broadcast
+    states_bytes = s * math.ceil(runtime.units.num_units / 8)  # the population, broadcast
     batch_bytes = (
         args.energy_batch * info.in_channels * args.input_size**2 * 4 + 8 * args.energy_batch
     )
@@ -202,20 +202,6 @@ def _busiest(t: dict) -> float:
         for r, p, c in zip(t.get("receive_s") or [0.0] * n, t.get("proposed_s") or [0.0] * n,
                            t["compute_s"], strict=True)
     )  # fmt: skip
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU seconds a process of this machine has run, all its threads, to the nanosecond
-    (Linux schedstat; /proc/PID/stat counts in 10 ms ticks, too coarse for one generation)."""
-    if pid == os.getpid():
-        return time.process_time()
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            pass  # a thread that ended between the listing and the read
-    return total / 1e9
 
 
 def measure_control(n: int, args, generations: int = 12) -> dict[str, float]:

@@ -8,7 +8,8 @@ every block evolves. Per block it prints the seconds per generation cycle (the g
 its ``evolve_every`` training steps), the generation alone, a training step as the driver sees
 it and, on Ray, as the trainer actor times it itself (no round trip), and the cores each
 process used (CPU seconds from /proc over the block's wall time, by the pids the actors
-report; Ray's own daemons found by their command lines, read only). Asserts nothing.
+report; Ray's other processes as the driver's descendants, no process found by name).
+Asserts nothing.
 
     python benchmarks/bench_search_ab.py [--rounds 2] [--generations 4] [--set key=value ...]
         [--out FILE]
@@ -19,12 +20,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import time
 
 import ray
 import torch
-from _common import emit
+from _common import cpu_seconds, descendants, emit
 
 from edrop_ray.config import load_config
 from edrop_ray.data import load_for
@@ -34,10 +34,15 @@ from edrop_ray.loop import run_edropout
 from edrop_ray.search import Search
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _cpu_of(pids: list[int]) -> dict[int, float]:
+    """CPU seconds of each of ``pids`` still running."""
+    out = {}
+    for pid in pids:
+        try:
+            out[pid] = cpu_seconds(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # ended (an idle worker Ray let go)
+    return out
 
 
 def _pid(_actor) -> int:  # run inside an actor (pickled by value)
@@ -92,9 +97,9 @@ def main() -> None:
         pids["coordinator"] = ray.get(runtime.coordinator.__ray_call__.remote(_pid), timeout=60)
         for k, e in enumerate(runtime.evaluators):
             pids[f"evaluator {k}"] = ray.get(e.__ray_call__.remote(_pid), timeout=60)
-        found = subprocess.run(["pgrep", "-f", "raylet|gcs_server|ray::Dash|ray::RuntimeEnv"],
-                               capture_output=True, text=True).stdout.split()  # fmt: skip
-        daemons = [int(x) for x in found]
+        # Ray's own processes: what this driver started (the local instance's daemons and
+        # idle workers), less the actors measured by their own pids; no process found by name
+        daemons = [d for d in descendants(os.getpid()) if d not in pids.values()]
         for i, side in enumerate(order):
             learner, search = sides[side]
             learner.total_steps = learner.step + per_block
@@ -110,12 +115,14 @@ def main() -> None:
             learner.train = timed
             gens: list[dict] = []
             c0 = {k: cpu_seconds(v) for k, v in pids.items()}
-            d0 = sum(cpu_seconds(d) for d in daemons)
+            d0 = _cpu_of(daemons)
             t0 = time.perf_counter()
             run_edropout(learner, search, on_generation=gens.append)
             wall = time.perf_counter() - t0
             cores = {k: (cpu_seconds(v) - c0[k]) / wall for k, v in pids.items()}
-            cores["Ray daemons"] = (sum(cpu_seconds(d) for d in daemons) - d0) / wall
+            cores["Ray's other processes"] = (
+                sum(v - d0[k] for k, v in _cpu_of(daemons).items() if k in d0) / wall
+            )
             del learner.train
             inside = ray.get(runtime.trainer.__ray_call__.remote(_take_steps), timeout=60)
             row = {

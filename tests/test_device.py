@@ -9,6 +9,7 @@ the CPU computes, bit for bit (the same CPU kernels run underneath).
 bf16 autocast and channels-last run on the real CPU, where torch supports both.
 """
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -215,16 +216,18 @@ def test_bn_recalibration_on_another_device_matches_the_cpu(data):
 
 
 def test_the_actors_code_runs_on_another_device(data, monkeypatch):
-    """The trainer and evaluator actors' own methods, called in process (no Ray cluster)."""
+    """The trainer and evaluator actors' own methods, called in process (no Ray cluster), built
+    as the runtime builds them: on the units the driver traced (CPU tensors, pickled)."""
     from edrop_ray.distributed import actors
 
     train_set, _test, info = data
     cfg = tiny()
-    states = Search.from_config(cfg, Learner(cfg, train_set, info, CPU).units.num_units).propose()
+    units = pickle.loads(pickle.dumps(Learner(cfg, train_set, info, CPU).units))
+    states = Search.from_config(cfg, units.num_units).propose()
     with other_device() as dev:
         monkeypatch.setattr(actors, "worker_device", lambda _name: dev)
-        trainer = actors.Trainer(cfg, 1.0)
-        evaluator = actors.Evaluator(cfg, info, 0)
+        trainer = actors.Trainer(cfg, 1.0, units=units)
+        evaluator = actors.Evaluator(cfg, info, 0, units=units)
         assert trainer.learner.device == dev and evaluator.device == dev
         batch = trainer.energy_batch()  # CPU tensors, as shipped through the object store
         assert batch[0].device == CPU
@@ -389,15 +392,16 @@ def test_the_group_exchange_keeps_every_wire_tensor_on_the_ranks_device(data, mo
 
     train_set, _test, info = data
     cfg = tiny()
-    search = Search.from_config(cfg, Learner(cfg, train_set, info, CPU).units.num_units)
+    units = pickle.loads(pickle.dumps(Learner(cfg, train_set, info, CPU).units))  # the driver's
+    search = Search.from_config(cfg, units.num_units)
     members = search.population.states
     trials = search.propose()[members.shape[0] :]  # what the ranks must propose
     with other_device() as dev:
         wire = _DeviceWire(3, dev)
         monkeypatch.setattr(transport, "dist", wire)
         monkeypatch.setattr(actors, "worker_device", lambda _name: dev)
-        trainer = actors.Trainer(cfg, 1.0)
-        evaluators = [actors.Evaluator(cfg, info, i) for i in range(2)]
+        trainer = actors.Trainer(cfg, 1.0, units=units)
+        evaluators = [actors.Evaluator(cfg, info, i, units=units) for i in range(2)]
         for rank, who in enumerate([trainer, *evaluators]):
             member = transport.GroupMember(who.learner.model if rank == 0 else who.model, dev,
                                            "fp32", bind=rank > 0)  # fmt: skip

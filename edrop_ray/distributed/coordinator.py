@@ -77,7 +77,7 @@ class Coordinator:
     ) -> dict[str, Any]:
         """Propose, evaluate across evaluators, select; return the record and the best state
         (the population stays here: :meth:`population` hands it out when asked, S x D bits
-        that the driver needs only for its snapshots and checkpoints).
+        that the driver needs only for its snapshots).
 
         Over the process group the evaluators propose their own shards' trials (the search's
         :class:`~edrop_ray.search.Proposer`, the same trials); on every other path the

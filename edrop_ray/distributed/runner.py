@@ -110,7 +110,6 @@ class RayRuntime:
     ):
         self.cfg = cfg
         self.units = units
-        self.num_units = units.num_units
         self.evaluators: list = []
         self.trainer = self.coordinator = self.pg = None
         self.started_ray = False
@@ -189,7 +188,7 @@ class RayRuntime:
         self.coordinator = (
             ray.remote(Coordinator)
             .options(num_cpus=0, scheduling_strategy=here)
-            .remote(cfg, self.num_units, self.evaluators, self.trainer, counter=counter)
+            .remote(cfg, self.units.num_units, self.evaluators, self.trainer, counter=counter)
         )
 
     def wait_ready(self) -> None:
@@ -234,7 +233,7 @@ class RayRuntime:
             timeout=_CONTROL_TIMEOUT_S,
         )
         self.learner = RemoteLearner(cfg, self.trainer, info["total_steps"], self.transport)
-        self.search = RemoteSearch(cfg, self.coordinator, self.num_units)
+        self.search = RemoteSearch(cfg, self.coordinator)
 
     @contextmanager
     def guard(self, run_dir: str) -> Iterator[None]:
@@ -339,7 +338,7 @@ class _PopulationView:
 class RemoteSearch:
     """Driver-side stand-in for :class:`~edrop_ray.search.Search`; the coordinator owns it."""
 
-    def __init__(self, cfg: Config, coordinator, num_units: int):
+    def __init__(self, cfg: Config, coordinator):
         self.cfg = cfg
         self.coordinator = coordinator
         self._pull()
