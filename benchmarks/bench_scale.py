@@ -24,7 +24,7 @@ energies of a briefly trained model.
 EXTRAPOLATED to ``--target-model`` at ``--target-input`` on GPUs, with every input named:
 
     cycle(N, S) = train + judge(N, S) + control(N) + coord(S)
-    judge(N, S) = sync(N) + pop(N, S) + inputs(N) + propose(S, S/N) + compute(2S/N candidates)
+    judge(N, S) = sync(N) + inputs(N, S) + answers(N, S) + propose(S, S/N) + compute(2S/N)
     (pipeline: true:  max(train, judge(N, S)) + control(N) + coord(S))
     weak(N)   = cycle(1, s) / cycle(N, s N)          (s = --target-S-per-eval, default 16)
     strong(N) = cycle(1, S) / (N cycle(N, S))        (S = --target-S, default 64)
@@ -34,10 +34,9 @@ EXTRAPOLATED to ``--target-model`` at ``--target-input`` on GPUs, with every inp
   training step) at an ASSUMED ``--gpu-tflops`` sustained, with an ASSUMED floor per pass;
 - sync(N) = bytes / bandwidth + latency x ceil(log2(N + 1)) (NCCL broadcast, pipelined):
   ASSUMED ``--intra-gbs`` inside a node of ``--gpus-per-node`` and ``--inter-gbs`` across nodes;
-- inputs(N) = N x batch bytes / bandwidth: the trainer sends each evaluator its own copy of the
-  energy batch (point to point);
-- pop(N, S): the population, bit-packed (S x D / 8 bytes), broadcast to the ranks every
-  generation, at the same ASSUMED bandwidth as the weights;
+- inputs(N, S): the energy batch and the population, bit-packed (S x D / 8 bytes), one broadcast
+  to the ranks every generation, as sync(N); answers(N, S): the ranks' energies and trials
+  gathered at rank 0, all of them through its link, plus one latency;
 - propose(S, m): one rank's proposal of its m = ceil(S / N) members' trials (unpack the
   population, propose from the members' own random streams, pack the trials), and coord(S):
   the coordinator's own work (pack the population, unpack the trials, select), both MEASURED
@@ -51,7 +50,10 @@ EXTRAPOLATED to ``--target-model`` at ``--target-input`` on GPUs, with every inp
   receives and unpacks for each rank) and the busiest evaluator. Their slopes say whether the
   wall slope is CPU work or queueing for the 2 shared cores. The compute runs' fit (N = 1, 2,
   contended) is printed beside them. A second model, "rank-0 CPU", ASSUMES evaluators on cores
-  of their own: the same intercept, growing only by the chain's CPU per evaluator.
+  of their own: the same intercept, growing only by the chain's CPU per evaluator. A third,
+  "rank-0 exchange", grows by rank 0's CPU per rank in the exchange alone, MEASURED with
+  ``--control-evaluators`` ranks that answer at once, on another core than rank 0's
+  (:func:`measure_exchange`): the only per-rank work of the chain.
 
 N counts evaluator GPUs; the trainer has its own GPU in addition.
 
@@ -307,6 +309,66 @@ def measure_gloo_broadcast(name: str, receivers: int, repeats: int = 3) -> tuple
     return member.nbytes, statistics.median(times)
 
 
+def _pin(cores: set[int]) -> None:
+    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1:
+        os.sched_setaffinity(0, cores & os.sched_getaffinity(0) or os.sched_getaffinity(0))
+
+
+def _answerer(port: int, rank: int, world: int) -> None:
+    """Ranks 1..N of :func:`measure_exchange`: answer every request at once (zero energies,
+    the trials left as padding), off rank 0's core."""
+    _pin(set(range(1, os.cpu_count() or 1)))
+    torch.set_num_threads(1)
+    member = GroupMember(torch.nn.Linear(1, 1), torch.device("cpu"), "fp32", bind=True)
+    member.join(("127.0.0.1", port), rank, world, "gloo", 300.0, epoch=0)
+    while (req := member.next_request(0)) is not None:
+        count = len(req.members)
+        trials = torch.zeros(count, req.rows.shape[1], dtype=torch.uint8)
+        member.reply(torch.zeros(2 * count), trials, (0.0, 0.0, 0.0))
+    member.leave()
+
+
+def measure_exchange(n: int, s_per_eval: int, t: dict, repeats: int = 40) -> dict[str, float]:
+    """Rank 0's side of the group exchange alone (:meth:`GroupMember.request`, gloo) with ``n``
+    ranks that answer at once: wall and rank 0's CPU (all its threads) per exchange, medians.
+    The target's shapes travel: ``s_per_eval`` x n members of its units, bit-packed, and its
+    energy batch. Rank 0 runs on core 0 and the ranks on the others, so rank 0's CPU is its
+    own work per rank, not the ranks' contention for its core (on one core, they share it)."""
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    kids = [ctx.Process(target=_answerer, args=(port, r, n + 1), daemon=True)
+            for r in range(1, n + 1)]  # fmt: skip
+    for k in kids:
+        k.start()
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core: a second thread would only spin beside the first
+    _pin({0})
+    try:
+        member = GroupMember(torch.nn.Linear(1, 1), torch.device("cpu"), "fp32", bind=False)
+        member.join(("127.0.0.1", port), 0, n + 1, "gloo", 300.0, epoch=0)
+        member.home.pack()
+        rows = torch.zeros(s_per_eval * n, math.ceil(t["units"] / 8), dtype=torch.uint8)
+        x = torch.zeros(t["batch"], 3, t["input"], t["input"])
+        y = torch.zeros(t["batch"], dtype=torch.int64)
+        member.request(0, 0, rows, x, y, generation=0, send_weights=True)
+        walls, cpus = [], []
+        for g in range(repeats):
+            w0, c0 = time.perf_counter(), time.process_time()
+            member.request(0, 0, rows, x, y, generation=g, send_weights=False)
+            walls.append(time.perf_counter() - w0)
+            cpus.append(time.process_time() - c0)
+        member.stop(0, list(range(1, n + 1)))
+        member.leave()
+    finally:
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity)
+        torch.set_num_threads(threads)
+        for k in kids:
+            k.join(timeout=120)
+    return {"wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus)}
+
+
 def measure_bf16_energies(args) -> dict[str, float]:
     """Energies of 2S random states with fp32 and with bf16-rounded weights of the same model,
     briefly trained (so BN statistics and weights are not the initial ones)."""
@@ -409,7 +471,8 @@ def target_inputs(args) -> dict[str, float]:
             src = f"MEASURED in {args.gpu_json}"
     batch_bytes = args.target_batch * (3 * args.target_input**2 * 4 + 8)  # fp32 x, int64 y
     return {"macs": macs, "bytes": nbytes, "units": units, "per_cand_s": per_cand_s,
-            "train_s": train_s, "batch_bytes": batch_bytes, "compute_source": src}  # fmt: skip
+            "train_s": train_s, "batch_bytes": batch_bytes, "compute_source": src,
+            "batch": args.target_batch, "input": args.target_input}  # fmt: skip
 
 
 def _gbs(n: int, args) -> float:
@@ -420,16 +483,17 @@ def sync_s(n: int, nbytes: float, args) -> float:
     return nbytes / (_gbs(n, args) * 1e9) + args.latency_us * 1e-6 * math.ceil(math.log2(n + 1))
 
 
-def inputs_s(n: int, t: dict, args) -> float:
-    """The batch, one copy per evaluator from the trainer (the group exchange sends each rank
-    its inputs point to point), at the same assumed bandwidth as the weights."""
-    return n * t["batch_bytes"] / (_gbs(n, args) * 1e9)
+def inputs_s(n: int, s: int, t: dict, args) -> float:
+    """The batch and the population (bit-packed), one broadcast to the ranks every
+    generation, NCCL as for the weights."""
+    return sync_s(n, t["batch_bytes"] + s * math.ceil(t["units"] / 8), args)
 
 
-def population_s(n: int, s: int, t: dict, args) -> float:
-    """The population's broadcast to the ranks (bit-packed, every generation), NCCL as for
-    the weights."""
-    return sync_s(n, s * math.ceil(t["units"] / 8), args)
+def answers_s(n: int, s: int, t: dict, args) -> float:
+    """The ranks' answers gathered at rank 0 (energies as float64 and the trials,
+    bit-packed): all of them through rank 0's link, and one hop."""
+    nbytes = s * (16 + math.ceil(t["units"] / 8))
+    return nbytes / (_gbs(n, args) * 1e9) + args.latency_us * 1e-6
 
 
 def cycle_s(n: int, s: int, t: dict, control, args, pipeline: bool = False) -> float:
@@ -442,7 +506,7 @@ def cycle_s(n: int, s: int, t: dict, control, args, pipeline: bool = False) -> f
     members = math.ceil(s / n)
     compute = max(args.pass_floor_ms / MS, 2 * members * t["per_cand_s"])
     propose = t["de"]["rank"][(s, members)]
-    judge = sync_s(n, t["bytes"], args) + population_s(n, s, t, args) + inputs_s(n, t, args)
+    judge = sync_s(n, t["bytes"], args) + inputs_s(n, s, t, args) + answers_s(n, s, t, args)
     judge += propose + compute
     own = t["de"]["coordinator"][s]
     if pipeline:
@@ -534,12 +598,17 @@ def main() -> None:
     # "2-core wall": the slope as measured, evaluators queueing for 2 shared cores included;
     # "rank-0 CPU": the same intercept, growing only by the chain's CPU per evaluator (where
     # each evaluator has cores of its own, what rank 0 and the rest of the chain still spend)
+    t = target_inputs(args)
+    exchanges = {n: measure_exchange(n, args.target_S_per_eval, t) for n in cn}
+    exchange = fit_line(cn, [exchanges[n]["cpu_s"] for n in cn])
+    # "rank-0 exchange": the same intercept, growing by rank 0's own CPU per rank in the
+    # exchange, measured alone with the ranks off its core: the one step of the chain that
+    # does work per rank (the driver and the coordinator make one Ray call per generation)
     models = {
         "2-core wall": lambda n: c1 + slope * (n - 1),
         "rank-0 CPU": lambda n: c1 + chain[1] * (n - 1),
+        "rank-0 exchange": lambda n: c1 + exchange[1] * (n - 1),
     }
-
-    t = target_inputs(args)
     shapes = [(args.target_S_per_eval * n, args.target_S_per_eval) for n in (1, 8, 64)]
     shapes += [(args.target_S, math.ceil(args.target_S / n)) for n in (1, 8, 64)]
     t["de"] = measure_de(t["units"], shapes, args.seed)
@@ -559,8 +628,9 @@ def main() -> None:
         ),
         f"- NCCL broadcast: ASSUMED {args.intra_gbs:g} GB/s in a node of {args.gpus_per_node}, "
         f"{args.inter_gbs:g} GB/s across nodes, {args.latency_us:g} us per tree level",
-        f"- the energy batch ({t['batch_bytes'] / 1e6:.2f} MB): one copy per evaluator from the "
-        "trainer, at the same ASSUMED bandwidth",
+        f"- the energy batch ({t['batch_bytes'] / 1e6:.2f} MB) and the population, bit-packed: "
+        "one broadcast per generation; the answers: one gather, all through rank 0's link; at "
+        "the same ASSUMED bandwidth and latency",
         f"- the DE on {t['units']} units per state, MEASURED in process on one thread of this "
         "machine. Each rank proposes its members' trials (unpack the population, propose, pack "
         "the trials), S / members: "
@@ -579,6 +649,19 @@ def main() -> None:
         'time. The "rank-0 CPU" rows ASSUME evaluators on cores of their own: the control '
         f"path then grows by the chain's CPU alone, {c1 * MS:.1f} ms + {chain[1] * MS:.3f} ms "
         "per evaluator",
+        "- rank 0's exchange alone (MEASURED, gloo, rank 0 on core 0 and N ranks that answer at "
+        f"once on the other core; the target's batch and {args.target_S_per_eval} members of "
+        "its units per rank; wall / rank 0's CPU per exchange): "
+        + ", ".join(
+            f"N = {int(n)}: {e['wall_s'] * MS:.2f} / {e['cpu_s'] * MS:.2f} ms"
+            for n, e in exchanges.items()
+        )
+        + f'. Rank 0\'s CPU grows {exchange[1] * MS:.3f} ms per rank. The "rank-0 exchange" '
+        "rows ASSUME evaluators on cores of their own and the rest of the chain flat in N (the "
+        "driver and the coordinator make one Ray call each per generation, whatever N): the "
+        f"control path then grows by that alone, {c1 * MS:.1f} ms + {exchange[1] * MS:.3f} ms "
+        "per evaluator. NCCL's cost per rank is unmeasured: its collectives cost rank 0 a "
+        "launch each, whatever N, but the headers and flags are one message per rank",
         "",
         "| scaling | S | control | N = 1 cycle | N = 8 cycle | eff. 8 | N = 64 cycle | eff. 64 "
         "| target |",

@@ -380,6 +380,15 @@ class _DeviceWire:
         else:
             t.copy_(self._box(("bcast", self.get_rank())).get(timeout=20))
 
+    def gather(self, t, gather_list=None, dst=0):
+        self._on_device(t, "gather")
+        if self.get_rank() != dst:
+            self._box(("gather", self.get_rank())).put(t.clone())
+            return
+        for r, out in enumerate(gather_list):
+            self._on_device(out, "gather")
+            out.copy_(t if r == dst else self._box(("gather", r)).get(timeout=20))
+
 
 def test_the_group_exchange_keeps_every_wire_tensor_on_the_ranks_device(data, monkeypatch):
     """Trainer.judge and Evaluator.serve, as on NCCL ranks: what they send, receive and

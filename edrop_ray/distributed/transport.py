@@ -22,21 +22,25 @@ trainer's) instead of one per evaluator: each evaluator serves in a loop
 
 1. a header to each rank (point to point): judge or stop, the weights version, whether new
    weights follow, the population's shape, the generation, the batch's shapes and dtypes;
-2. each rank's inputs (point to point, one message): GO and the batch; or ABORT, when a rank's
-   header failed (it died since the last exchange): then the live ones go back to the
-   coordinator instead of into a collective that cannot finish;
-3. the weights, by broadcast, when they are new;
-4. the population, bit-packed, by broadcast (1.5 MB for 1,024 members of ResNet-50's 11,456
-   units): each rank proposes the trials of its contiguous shard of the members
-   (:func:`shard_bounds`) itself, so the proposal's work is spread over the ranks;
+2. a flag to each rank (point to point, 8 bytes): GO; or ABORT, when a rank's header failed
+   (it died since the last exchange): then the live ones go back to the coordinator instead of
+   into a collective that cannot finish;
+3. the inputs, by one broadcast: the batch and the population, bit-packed (1.5 MB for 1,024
+   members of ResNet-50's 11,456 units). Each rank proposes the trials of its contiguous shard
+   of the members (:func:`shard_bounds`) itself, so the proposal's work is spread over the
+   ranks;
+4. the weights, by broadcast, when they are new;
 5. each rank's energies (its members', then their trials'), its trials, bit-packed, and its
-   timings back to rank 0 (point to point, one message).
+   timings back to rank 0, by one gather (every answer padded to the longest shard), read in
+   one go.
 
-A rank waits twice before it judges (header, inputs), both sent back to back: on a
-crowded machine every extra message is another wake-up of every rank. The batch goes to each
-rank separately (N copies from rank 0: 0.8 MB each for ResNet-50 at 32 px and 64 images),
-the weights and the population once, by collectives. Point-to-point steps fail for one rank
-only; a rank that died between generations is seen at step 1 and costs no timeout.
+Only the two small messages of steps 1 and 2 are sent rank by rank, both back to back (a rank
+wakes once for them): they are what lets a rank that died between generations be seen at once
+and cost no timeout, since a point-to-point send fails for that rank only. Everything that
+grows with the batch, the population or the answers goes by collectives, whose cost at rank 0
+does not grow by a Python call per rank (a tree for the broadcasts). A rank that dies after
+the flags fails a collective: rank 0 raises, and the ranks that were not its neighbours wait
+for the group's timeout, as on NCCL, where a dead peer is never seen sooner.
 """
 
 from __future__ import annotations
@@ -223,6 +227,7 @@ class GroupMember:
         self.epoch = -1
         self.version = -1
         self.timeout_s = 60.0
+        self._answer = (0, 0)  # the request being judged: (members, bytes per state)
 
     def join(
         self, address: tuple[str, int], rank: int, world_size: int, backend: str,
@@ -296,14 +301,15 @@ class GroupMember:
     ) -> dict[str, Any]:  # fmt: skip
         """Rank 0: have ranks 1..N propose and judge generation ``generation`` of the
         population ``rows`` (uint8, one bit-packed row per member) on ``(x, y)`` with weights
-        ``version`` (broadcast first when ``send_weights``). Each rank takes the contiguous
+        ``version`` (broadcast too when ``send_weights``). Each rank takes the contiguous
         shard :func:`shard_bounds` gives it of the members, proposes their trials and judges
         members and trials.
 
         Returns the energies of all members then of all trials (member order), the trials
         (uint8, bit-packed rows), each rank's compute, receive and propose seconds, and the
         weights' broadcast figures (None when none went out). Raises RuntimeError naming the
-        ranks that did not answer (when their headers failed, the others were told ABORT).
+        ranks that did not answer (when their headers failed, the others were told ABORT), or
+        when a collective failed.
         """
         self._check(epoch)
         t_start = time.perf_counter()
@@ -314,17 +320,17 @@ class GroupMember:
              *_describe(x), *_describe(y)],
             dtype=torch.int64,
         ).to(dev)  # fmt: skip
-        t, shards = self.timeout_s, len(ranks)
         works, failed = _post(dist.isend, dict.fromkeys(ranks, header))
         # a rank gone since the last exchange fails its header at once: then the others are
-        # told ABORT in their inputs, before any collective, and the exchange fails. The
-        # inputs go out right behind the headers: a rank wakes once for both.
-        flag = torch.tensor([ABORT if failed else GO], dtype=torch.int64)
-        common = _as_bytes([flag, x, y]).to(dev)  # one copy to the device, sent to every rank
-        more, failed_inputs = _post(dist.isend, {r: common for r in ranks if r not in failed})
-        failed |= failed_inputs | _wait(works, t) | _wait(more, t)
+        # told ABORT, before any collective, and the exchange fails. The flags go out right
+        # behind the headers: a rank wakes once for both.
+        flag = torch.tensor([ABORT if failed else GO], dtype=torch.int64).to(dev)
+        more, failed_flags = _post(dist.isend, {r: flag for r in ranks if r not in failed})
+        failed |= failed_flags | _wait(works, self.timeout_s) | _wait(more, self.timeout_s)
         if failed:
             raise _unanswered(failed)
+        inputs = _as_bytes([x, y, rows]).to(dev)  # one copy to the device, one broadcast
+        _collective(dist.broadcast, inputs, src=0)
         t_weights = time.perf_counter()
         sync = None
         if send_weights:
@@ -332,31 +338,22 @@ class GroupMember:
             dist.broadcast(self.wire, src=0)
             self.version = version
             sync = {"bytes": self.nbytes, "broadcast_s": time.perf_counter() - t0}
-        dist.broadcast(rows.to(dev).contiguous(), src=0)  # the population: one collective
-        counts = [shard_bounds(num, shards, r - 1)[1] for r in ranks]
-        out = {r: torch.empty(_answer_bytes(c, width), dtype=torch.uint8, device=dev)
-               for r, c in zip(ranks, counts, strict=True)}  # fmt: skip
+        shards = len(ranks)
+        most = shard_bounds(num, shards, 0)[1]  # every answer padded to the longest shard
+        out = torch.empty(shards + 1, _answer_bytes(most, width), dtype=torch.uint8, device=dev)
         t_gather = time.perf_counter()
-        failed = _p2p(dist.irecv, out, t)
-        if failed:
-            raise _unanswered(failed)
-        answers = [_read_answer(out[r].cpu(), c, width) for r, c in zip(ranks, counts, strict=True)]
+        _collective(dist.gather, torch.zeros_like(out[0]), list(out.unbind(0)), dst=0)
+        counts = torch.tensor([shard_bounds(num, shards, k)[1] for k in range(shards)])
+        answers = _read_answers(out[1:].cpu(), counts, most, width)
+        answers["sync"] = sync
         t_end = time.perf_counter()
-        energies = [a["members"] for a in answers] + [a["trials_e"] for a in answers]
-        return {
-            "energies": torch.cat(energies),
-            "trials": torch.cat([a["trials"] for a in answers]),
-            "compute_s": [a["compute_s"] for a in answers],
-            "receive_s": [a["receive_s"] for a in answers],
-            "propose_s": [a["propose_s"] for a in answers],
-            "sync": sync,
-            # rank 0's seconds: headers and inputs out, the answers (waiting for them: the
-            # slowest rank's compute is in it), and the whole exchange
-            "phases": {
-                "inputs_s": t_weights - t_start, "answers_s": t_end - t_gather,
-                "exchange_s": t_end - t_start,
-            },
+        # rank 0's seconds: header and inputs out, the answers (waiting for them: the
+        # slowest rank's compute is in it), and the whole exchange
+        answers["phases"] = {
+            "inputs_s": t_weights - t_start, "answers_s": t_end - t_gather,
+            "exchange_s": t_end - t_start,
         }  # fmt: skip
+        return answers
 
     def stop(self, epoch: int, ranks: list[int]) -> list[int]:
         """Rank 0: tell ``ranks`` (waiting for a request) to stop serving; those told."""
@@ -371,29 +368,30 @@ class GroupMember:
         self._check(epoch)
         dev = self.device
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=dev)
+        flag = torch.empty(1, dtype=torch.int64, device=dev)
         dist.recv(header, src=0)
         h = header.cpu().tolist()  # one device -> host copy
         if h[0] == STOP:
             return None
         version, new, num, width, generation = h[1:_HEAD]
         start, count = shard_bounds(num, dist.get_world_size() - 1, dist.get_rank() - 1)
-        parts = [
-            torch.empty(1, dtype=torch.int64, device=dev),
-            _empty(h[_HEAD : _HEAD + 2 + _MAX_DIMS], dev),
-            _empty(h[_HEAD + 2 + _MAX_DIMS :], dev),
-        ]
-        payload = torch.empty(sum(_nbytes(t) for t in parts), dtype=torch.uint8, device=dev)
-        dist.recv(payload, src=0)
-        flag, x, y = _from_bytes(payload, parts)
+        dist.recv(flag, src=0)
         if int(flag.item()) != GO:
             return None
+        parts = [
+            _empty(h[_HEAD : _HEAD + 2 + _MAX_DIMS], dev),
+            _empty(h[_HEAD + 2 + _MAX_DIMS :], dev),
+            torch.empty(num, width, dtype=torch.uint8, device=dev),
+        ]
+        inputs = torch.empty(sum(_nbytes(t) for t in parts), dtype=torch.uint8, device=dev)
+        dist.broadcast(inputs, src=0)
+        x, y, rows = _from_bytes(inputs, parts)
         receive_s = 0.0
         if new:
             receive_s = self.receive(version, epoch)["broadcast_s"]
         elif version != self.version:
             raise RuntimeError(f"asked to judge with weights {version}, holding {self.version}")
-        rows = torch.empty(num, width, dtype=torch.uint8, device=dev)
-        dist.broadcast(rows, src=0)
+        self._answer = (num, width)
         return Request(version, rows, range(start, start + count), generation, x, y, receive_s)
 
     def reply(
@@ -401,13 +399,19 @@ class GroupMember:
     ) -> None:
         """Ranks 1..N: the energies of this rank's members then of their trials, the trials
         (uint8, bit-packed rows) and the seconds spent computing, receiving weights and
-        proposing, to rank 0 in one message."""
-        floats = torch.empty(energies.numel() + _TRAILER, dtype=torch.float64)
-        floats[: energies.numel()] = energies.reshape(-1).double().cpu()
-        floats[energies.numel() :] = torch.tensor([*seconds, _DTYPES.index(energies.dtype)],
-                                                  dtype=torch.float64)  # fmt: skip
-        out = _as_bytes([floats, trials.cpu()])
-        dist.send(out.to(self.device), dst=0)
+        proposing, to rank 0 in one gather (padded to the longest shard's size)."""
+        num, width = self._answer
+        most = shard_bounds(num, dist.get_world_size() - 1, 0)[1]
+        count = trials.shape[0]
+        floats = torch.zeros(2 * most + _TRAILER, dtype=torch.float64)
+        floats[:count] = energies[:count].reshape(-1).double().cpu()
+        floats[most : most + count] = energies[count:].reshape(-1).double().cpu()
+        floats[2 * most :] = torch.tensor([*seconds, _DTYPES.index(energies.dtype)],
+                                          dtype=torch.float64)  # fmt: skip
+        out = torch.zeros(_answer_bytes(most, width), dtype=torch.uint8)
+        out[: floats.numel() * 8] = floats.view(torch.uint8)
+        out[floats.numel() * 8 :][: count * width] = trials.cpu().reshape(-1)
+        dist.gather(out.to(self.device), dst=0)
 
 
 # --- judging over the group: one exchange per generation, run by rank 0
@@ -435,21 +439,30 @@ _TRAILER = 4  # after a rank's energies: compute, receive and propose seconds, t
 
 
 def _answer_bytes(count: int, width: int) -> int:
-    """Bytes of a rank's answer for ``count`` members of ``width`` packed bytes each."""
-    return 8 * (2 * count + _TRAILER) + count * width
+    """Bytes of a rank's answer for ``count`` members of ``width`` packed bytes each, rounded
+    up to a multiple of 8 (so every rank's row of a gathered answer reads as float64)."""
+    return 8 * (2 * count + _TRAILER) + -(-count * width // 8) * 8
 
 
-def _read_answer(a: torch.Tensor, count: int, width: int) -> dict[str, Any]:
-    """A rank's answer (uint8, as :meth:`GroupMember.reply` sends it), read."""
-    floats = a[: 8 * (2 * count + _TRAILER)].view(torch.float64)
-    dtype = _DTYPES[int(floats[-1])]
+def _read_answers(a: torch.Tensor, counts: torch.Tensor, most: int, width: int) -> dict:
+    """The ranks' answers (uint8 rows of ``most`` members' room each, as
+    :meth:`GroupMember.reply` sends them; rank k used the first ``counts[k]``), read at once:
+    shards are contiguous, so rank order is member order."""
+    floats = a[:, : 8 * (2 * most + _TRAILER)].view(torch.float64)
+    dtype = _DTYPES[int(floats[0, -1])]
+    members, trials_e = floats[:, :most], floats[:, most : 2 * most]
+    trials = a[:, 8 * (2 * most + _TRAILER) :][:, : most * width].reshape(-1, most, width)
+    if bool((counts == most).all()):  # no padding: plain views
+        members, trials_e, trials = members.reshape(-1), trials_e.reshape(-1), trials.flatten(0, 1)
+    else:
+        used = torch.arange(most) < counts[:, None]  # (ranks, most): the members each rank had
+        members, trials_e, trials = members[used], trials_e[used], trials[used]
     return {
-        "members": floats[:count].to(dtype),
-        "trials_e": floats[count : 2 * count].to(dtype),
-        "trials": a[8 * (2 * count + _TRAILER) :].reshape(count, width),
-        "compute_s": float(floats[-4]),
-        "receive_s": float(floats[-3]),
-        "propose_s": float(floats[-2]),
+        "energies": torch.cat([members, trials_e]).to(dtype),
+        "trials": trials,
+        "compute_s": floats[:, -4].tolist(),
+        "receive_s": floats[:, -3].tolist(),
+        "propose_s": floats[:, -2].tolist(),
     }
 
 
@@ -495,6 +508,15 @@ class Request:
         self.version, self.rows, self.members, self.generation = version, rows, members, generation
         self.x, self.y = x, y
         self.receive_s = receive_s  # seconds spent receiving new weights (0 when none came)
+
+
+def _collective(op, *args, **kwargs) -> None:
+    """Rank 0's side of a collective; a failure (a rank died since the flags went out) is
+    raised as the group's, for the coordinator to re-form it."""
+    try:
+        op(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - a dead or hung peer: the group is broken
+        raise RuntimeError(f"the group's exchange failed (a rank is gone): {e!r}") from e
 
 
 def _unanswered(failed: dict[int, Exception]) -> RuntimeError:
