@@ -328,12 +328,13 @@ def _answerer(port: int, rank: int, world: int) -> None:
     member.leave()
 
 
-def measure_exchange(n: int, s_per_eval: int, t: dict, repeats: int = 40) -> dict[str, float]:
+def measure_exchange(n: int, units: int, repeats: int = 40) -> dict[str, float]:
     """Rank 0's side of the group exchange alone (:meth:`GroupMember.request`, gloo) with ``n``
     ranks that answer at once: wall and rank 0's CPU (all its threads) per exchange, medians.
-    The target's shapes travel: ``s_per_eval`` x n members of its units, bit-packed, and its
-    energy batch. Rank 0 runs on core 0 and the ranks on the others, so rank 0's CPU is its
-    own work per rank, not the ranks' contention for its core (on one core, they share it)."""
+    What travels is next to nothing (2 members of ``units`` bits per rank, 2 images of 8 px):
+    this is the cost per message; the bytes are the bandwidth terms' (on NCCL a DMA, here a
+    TCP copy). Rank 0 runs on core 0 and the ranks on the others, so rank 0's CPU is its own
+    work per rank, not the ranks' contention for its core."""
     port = _free_port()
     ctx = mp.get_context("spawn")
     kids = [ctx.Process(target=_answerer, args=(port, r, n + 1), daemon=True)
@@ -348,9 +349,8 @@ def measure_exchange(n: int, s_per_eval: int, t: dict, repeats: int = 40) -> dic
         member = GroupMember(torch.nn.Linear(1, 1), torch.device("cpu"), "fp32", bind=False)
         member.join(("127.0.0.1", port), 0, n + 1, "gloo", 300.0, epoch=0)
         member.home.pack()
-        rows = torch.zeros(s_per_eval * n, math.ceil(t["units"] / 8), dtype=torch.uint8)
-        x = torch.zeros(t["batch"], 3, t["input"], t["input"])
-        y = torch.zeros(t["batch"], dtype=torch.int64)
+        rows = torch.zeros(2 * n, math.ceil(units / 8), dtype=torch.uint8)
+        x, y = torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.int64)
         member.request(0, 0, rows, x, y, generation=0, send_weights=True)
         walls, cpus = [], []
         for g in range(repeats):
@@ -599,7 +599,10 @@ def main() -> None:
     # "rank-0 CPU": the same intercept, growing only by the chain's CPU per evaluator (where
     # each evaluator has cores of its own, what rank 0 and the rest of the chain still spend)
     t = target_inputs(args)
-    exchanges = {n: measure_exchange(n, args.target_S_per_eval, t) for n in cn}
+    # three rounds, interleaved over N (the machine's drift falls on every N alike), medians
+    rounds = [{n: measure_exchange(int(n), t["units"]) for n in cn} for _ in range(3)]
+    exchanges = {n: {k: statistics.median(r[n][k] for r in rounds) for k in ("wall_s", "cpu_s")}
+                 for n in cn}  # fmt: skip
     exchange = fit_line(cn, [exchanges[n]["cpu_s"] for n in cn])
     # "rank-0 exchange": the same intercept, growing by rank 0's own CPU per rank in the
     # exchange, measured alone with the ranks off its core: the one step of the chain that
@@ -650,8 +653,8 @@ def main() -> None:
         f"path then grows by the chain's CPU alone, {c1 * MS:.1f} ms + {chain[1] * MS:.3f} ms "
         "per evaluator",
         "- rank 0's exchange alone (MEASURED, gloo, rank 0 on core 0 and N ranks that answer at "
-        f"once on the other core; the target's batch and {args.target_S_per_eval} members of "
-        "its units per rank; wall / rank 0's CPU per exchange): "
+        "once on the other core; next to nothing on the wire: the cost per message, the bytes "
+        "being the bandwidth terms'; medians of 3 rounds; wall / rank 0's CPU per exchange): "
         + ", ".join(
             f"N = {int(n)}: {e['wall_s'] * MS:.2f} / {e['cpu_s'] * MS:.2f} ms"
             for n, e in exchanges.items()
