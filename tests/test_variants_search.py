@@ -64,22 +64,27 @@ def test_defaults_reproduce_the_run_from_before_the_variants(data):
     """Regression values taken from the code before these keys existed (commit 5484e52, torch
     2.14.1, one CPU thread): tiny.yaml, 12 steps of EDropout, then 4 dense steps. The search's
     draws changed with random streams version 2 (each member's trial from a stream of its own):
-    the best state and the losses from step 7 on are that version's; the first three losses
-    and the dense steps are still the values from before the variants."""
+    the best state is that version's; the first three losses of each run are still the values
+    from before the variants.
+
+    Only the early losses are pinned: later ones depend on the CPU's kernels. On an AMD EPYC
+    (AVX-512) machine the same code gave the same best state, bit for bit, and the first three
+    losses of each run within 1.3e-6, but losses 4 to 6 of the search 3.5e-4 to 7.4e-2 and the
+    fourth dense loss 8.8e-4 away from the recorded ones (other kernels' rounding, amplified
+    by a few steps of SGD, is the likely cause). The later steps are compared on one machine by
+    ``test_the_defaults_set_explicitly_give_the_same_bits``."""
     learner = _learner(data)
     assert (learner.steps_per_epoch, learner.total_steps) == (22, 22)
     search, history = _run(learner, steps=12)
     assert hashlib.sha256(_bits(search.best).encode()).hexdigest()[:16] == "f25ee2aa052678e9"
     assert int(search.best.sum()) == 1180
     assert [r["step"] for r in history] == [1, 3, 5, 7, 9, 11]
-    before = ["0x1.3715960000000p+1", "0x1.cb19320000000p+0", "0x1.597a200000000p-1",
-              "0x1.3e62680000000p+1", "0x1.46696c0000000p+1", "0x1.8a187c0000000p+1"]  # fmt: skip
-    for r, loss in zip(history, before, strict=True):
+    before = ["0x1.3715960000000p+1", "0x1.cb19320000000p+0", "0x1.597a200000000p-1"]
+    for r, loss in zip(history[:3], before, strict=True):
         assert r["train_loss"] == pytest.approx(float.fromhex(loss), rel=1e-5)
     dense = _learner(data)
-    losses = [dense.train(None) for _ in range(4)]
-    before = ["0x1.49ba420000000p+1", "0x1.2b729c0000000p+1", "0x1.3420ba0000000p+1",
-              "0x1.595c8e0000000p+1"]  # fmt: skip
+    losses = [dense.train(None) for _ in range(3)]
+    before = ["0x1.49ba420000000p+1", "0x1.2b729c0000000p+1", "0x1.3420ba0000000p+1"]
     assert losses == pytest.approx([float.fromhex(v) for v in before], rel=1e-5)
     # no new checkpoint entry and no new dense-cache key with the defaults
     assert "scheduler" not in learner.state_dict()
