@@ -324,7 +324,7 @@ def _answerer(port: int, rank: int, world: int) -> None:
     while (req := member.next_request(0)) is not None:
         count = len(req.members)
         trials = torch.zeros(count, req.rows.shape[1], dtype=torch.uint8)
-        member.reply(torch.zeros(2 * count), trials, (0.0, 0.0, 0.0))
+        member.reply(req, torch.zeros(2 * count), trials, (0.0, 0.0, 0.0))
     member.leave()
 
 

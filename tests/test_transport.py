@@ -235,7 +235,7 @@ def _server(port: int, rank: int, world: int, die_after: int | None, queue) -> N
         bits = np.unpackbits(np.concatenate([rows, trials]), axis=1)
         energies = torch.from_numpy(bits.sum(axis=1).astype(np.float32))
         energies += req.x.sum() + req.generation
-        member.reply(energies, torch.from_numpy(trials), (0.5, req.receive_s, 0.25))
+        member.reply(req, energies, torch.from_numpy(trials), (0.5, req.receive_s, 0.25))
         served += 1
         if die_after is not None and served == die_after:
             os._exit(1)

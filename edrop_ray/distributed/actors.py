@@ -338,7 +338,7 @@ class Evaluator:
                 else:  # more ranks than members: nothing to judge
                     energies = torch.empty(0)
                 seconds = (time.perf_counter() - t1, req.receive_s, t1 - t0)
-                self.member.reply(energies, torch.from_numpy(pack_rows(trials)), seconds)
+                self.member.reply(req, energies, torch.from_numpy(pack_rows(trials)), seconds)
                 served += 1
         except Exception as e:  # noqa: BLE001 - reported to the coordinator, which re-forms
             return {"ended": f"{type(e).__name__}: {e}", "served": served}

@@ -227,7 +227,6 @@ class GroupMember:
         self.epoch = -1
         self.version = -1
         self.timeout_s = 60.0
-        self._answer = (0, 0)  # the request being judged: (members, bytes per state)
 
     def join(
         self, address: tuple[str, int], rank: int, world_size: int, backend: str,
@@ -391,18 +390,18 @@ class GroupMember:
             receive_s = self.receive(version, epoch)["broadcast_s"]
         elif version != self.version:
             raise RuntimeError(f"asked to judge with weights {version}, holding {self.version}")
-        self._answer = (num, width)
         return Request(version, rows, range(start, start + count), generation, x, y, receive_s)
 
     def reply(
-        self, energies: torch.Tensor, trials: torch.Tensor, seconds: tuple[float, float, float]
-    ) -> None:
-        """Ranks 1..N: the energies of this rank's members then of their trials, the trials
-        (uint8, bit-packed rows) and the seconds spent computing, receiving weights and
-        proposing, to rank 0 in one gather (padded to the longest shard's size)."""
-        num, width = self._answer
+        self, req: Request, energies: torch.Tensor, trials: torch.Tensor,
+        seconds: tuple[float, float, float],
+    ) -> None:  # fmt: skip
+        """Ranks 1..N, answering ``req``: the energies of this rank's members then of their
+        trials, the trials (uint8, bit-packed rows) and the seconds spent computing, receiving
+        weights and proposing, to rank 0 in one gather (padded to the longest shard's size)."""
+        num, width = req.rows.shape
         most = shard_bounds(num, dist.get_world_size() - 1, 0)[1]
-        count = trials.shape[0]
+        count = len(req.members)
         floats = torch.zeros(2 * most + _TRAILER, dtype=torch.float64)
         floats[:count] = energies[:count].reshape(-1).double().cpu()
         floats[most : most + count] = energies[count:].reshape(-1).double().cpu()
