@@ -387,6 +387,7 @@ class _DeviceWire:
             return
         for r, out in enumerate(gather_list):
             self._on_device(out, "gather")
+            assert out.shape == t.shape, "gather: NCCL needs every rank's tensor the same size"
             out.copy_(t if r == dst else self._box(("gather", r)).get(timeout=20))
 
 
