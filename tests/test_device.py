@@ -419,9 +419,9 @@ def test_the_group_exchange_keeps_every_wire_tensor_on_the_ranks_device(data, mo
             who.member = member
         ended = [None, None]
 
-        def serve(k):
-            wire.local.rank = k + 1
-            with other_device():  # the device's guard is per thread
+        def serve(k):  # the stand-in's rank is per thread: the evaluator's compute thread
+            evaluators[k].compute.run(setattr, wire.local, "rank", k + 1)
+            with other_device():  # the device's guard is per thread (carried to compute's)
                 ended[k] = evaluators[k].serve(0, search.proposer)
 
         threads = [threading.Thread(target=serve, args=(k,)) for k in range(2)]

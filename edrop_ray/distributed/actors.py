@@ -22,7 +22,7 @@ import ray
 import torch
 
 from ..config import Config
-from ..devices import set_cpu_threads, worker_device
+from ..devices import ComputeThread, computes, set_cpu_threads, worker_device
 from ..energy import compute_energies
 from ..files import pack_rows, unpack_rows, unpack_states
 from .transport import FlatWeights, GroupMember, free_address, rank_identity
@@ -56,30 +56,40 @@ class Trainer:
     into the send buffer under a lock, at the step it is for, either by ``publish`` itself or
     by the training step about to move past it (``train(state, stage=t)``); a step never
     changes a staged buffer, and a version can never be staged from weights mid-step.
+
+    Every computation on the model (building it, steps, stagings, state dicts) runs on one
+    thread, :attr:`compute` (:class:`~edrop_ray.devices.ComputeThread`: why, there); the
+    ``comm`` thread only moves bytes. The lock is never held while waiting for that thread.
     """
 
     def __init__(self, cfg: Config, cpus: float, own=None, data=None, units=None):
+        self.cfg = cfg
+        self.compute = ComputeThread()
+        self.member: GroupMember | None = None
+        self._batch: tuple[str | None, Any] = (None, None)  # the last energy batch, by task
+        self._lock = threading.Condition()  # the model between a training step and a staging
+        self._stepping = False
+        self._staged = -1  # the weights version in the send buffer
+        self._stage_due = -1  # the version a step on its way to the compute thread stages
+        self._stage_s = 0.0
+        self._flat: FlatWeights | None = None  # the object store's weights, packed
+        self.learner = self.compute.run(self._build, cpus, own, data, units)
+
+    def _build(self, cpus: float, own, data, units):
         from ..data import load_for
         from ..learner import Learner
 
-        set_cpu_threads(cfg.cpu_threads, cpus)
-        self.cfg = cfg
+        set_cpu_threads(
+            self.cfg.cpu_threads, cpus
+        )  # the compute thread's (OpenMP's are per thread)
         if data is None:
-            train_set, _test, info = load_for(cfg)
+            train_set, _test, info = load_for(self.cfg)
         else:
             train_set, info = data
-        device = worker_device(cfg.device)
+        device = worker_device(self.cfg.device)
         if own is None:
-            self.learner = Learner(cfg, train_set, info, device, units=units)
-        else:
-            self.learner = own.learner(cfg, train_set, info, device, units)
-        self.member: GroupMember | None = None
-        self._batch: tuple[str | None, Any] = (None, None)  # the last energy batch, by task
-        self._lock = threading.Lock()  # the model between a training step and a staging
-        self._stepping = False
-        self._staged = -1  # the weights version in the send buffer
-        self._stage_s = 0.0
-        self._flat: FlatWeights | None = None  # the object store's weights, packed
+            return Learner(self.cfg, train_set, info, device, units=units)
+        return own.learner(self.cfg, train_set, info, device, units)
 
     def info(self) -> dict[str, Any]:
         return {"total_steps": self.learner.total_steps, "step": self.learner.step}
@@ -90,9 +100,19 @@ class Trainer:
     def train(self, state: torch.Tensor, stage: int | None = None) -> float:
         """One masked step with ``state``; with ``stage`` (the current step), first stage the
         weights of that version for a broadcast that may go out while the step runs."""
+        if stage is not None:
+            with self._lock:  # a broadcast of this version waits for the step to stage it
+                self._stage_due = stage
+        return self.compute.run(self._train, state, stage)
+
+    def _train(self, state: torch.Tensor, stage: int | None) -> float:
         with self._lock:
-            if stage is not None:
-                self._stage(stage)
+            try:
+                if stage is not None:
+                    self._stage(stage)
+            finally:
+                self._stage_due = -1
+                self._lock.notify_all()
             self._stepping = True
         try:
             return self.learner.train(state)
@@ -103,7 +123,7 @@ class Trainer:
     def energy_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next generation's batch (CPU tensors); returned through the object store, and
         kept here under this call's task id, so that :meth:`judge` need not fetch it back."""
-        batch = self.learner.draw_energy_batch()
+        batch = self.compute.run(self.learner.draw_energy_batch)
         # (only inside Ray: asking outside it would start a Ray instance)
         task = ray.get_runtime_context().get_task_id() if ray.is_initialized() else None
         self._batch = (task, batch)
@@ -124,6 +144,9 @@ class Trainer:
         node; a dict of tensors is pickled tensor by tensor and unpickled by each evaluator
         again (ResNet-18 on the CPU: 41 ms instead of 135 ms per version, README).
         """
+        return self.compute.run(self._pack_flat)
+
+    def _pack_flat(self) -> np.ndarray:
         if self._flat is None:
             self._flat = FlatWeights(
                 self.learner.model, device=self.learner.device, dtype=torch.float32
@@ -133,11 +156,15 @@ class Trainer:
 
     # --- the collective transport (rank 0)
     def _member(self) -> GroupMember:
-        if self.member is None:  # the send buffer, in the wire dtype
+        if self.member is None:  # the send buffer, in the wire dtype (made once, before a join)
+            self.compute.run(self._make_member)
+        return self.member
+
+    def _make_member(self) -> None:
+        if self.member is None:
             self.member = GroupMember(
                 self.learner.model, self.learner.device, self.cfg.weights_dtype, bind=False
             )
-        return self.member
 
     def _stage(self, version: int) -> None:
         """Copy weights ``version`` into the send buffer (the lock held); a no-op when they are
@@ -151,14 +178,26 @@ class Trainer:
         self._staged = version
         self._stage_s = time.perf_counter() - t0
 
+    def _stage_now(self, version: int) -> None:
+        with self._lock:
+            self._stage(version)
+
+    def _stage_for_send(self, version: int) -> None:
+        """(The ``comm`` thread.) Have weights ``version`` staged: by the step on its way that
+        stages them (waited for), else on the compute thread now."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._stage_due != version or self._staged == version)
+            if self._staged == version:
+                return
+        self.compute.run(self._stage_now, version)
+
     @ray.method(concurrency_group="comm")
     def group_address(self) -> tuple[str, int]:
         return free_address()
 
     @ray.method(concurrency_group="comm")
     def join_group(self, address, rank, world_size, backend, timeout_s, epoch) -> int:
-        with self._lock:
-            member = self._member()
+        member = self._member()
         return member.join(address, rank, world_size, backend, timeout_s, epoch)
 
     @ray.method(concurrency_group="comm")
@@ -169,10 +208,8 @@ class Trainer:
         version again (a re-formed group) re-sends the staged buffer, so a late joiner gets
         exactly the weights the others judge with.
         """
-        with self._lock:
-            self._stage(version)
-            member = self._member()
-        out = member.publish(version, epoch, pack=False)
+        self._stage_for_send(version)
+        out = self._member().publish(version, epoch, pack=False)
         out["pack_s"] = self._stage_s
         return out
 
@@ -187,11 +224,10 @@ class Trainer:
         per generation, however many evaluators (:meth:`GroupMember.request`). The weights go
         out first when the group does not hold them yet (staged as :meth:`publish` stages
         them)."""
-        with self._lock:
-            member = self._member()
-            send = member.version != version
-            if send:
-                self._stage(version)
+        member = self._member()
+        send = member.version != version
+        if send:
+            self._stage_for_send(version)
         x, y = self._batch_of(batch[0])
         out = member.request(
             version, epoch, torch.from_numpy(rows), x.contiguous(), y.contiguous(),
@@ -207,9 +243,11 @@ class Trainer:
         """Tell the serving ``ranks`` to stop; the ranks told."""
         return self._member().stop(epoch, ranks)
 
+    @computes
     def state_dict(self) -> dict[str, Any]:
         return self.learner.state_dict()
 
+    @computes
     def load_state_dict(self, sd: dict[str, Any]) -> int:
         with self._lock:
             self.learner.load_state_dict(sd)
@@ -220,30 +258,35 @@ class Trainer:
 class Evaluator:
     """A model replica that judges a shard of candidate states on the generation's batch
     (``cfg.model``, or ``own``: a user's network, this actor's own unpickled copy), its
-    ``units`` the driver's (none: traced here)."""
+    ``units`` the driver's (none: traced here). Its model is built and used on one thread,
+    :attr:`compute` (as the trainer's)."""
 
     def __init__(self, cfg: Config, info: DataInfo, index: int, own=None, units=None):
-        from ..models import build_replica, replica_of
-
-        set_cpu_threads(cfg.cpu_threads, cfg.cpus_per_evaluator)
         self.cfg = cfg
         self.index = index
         self.device = worker_device(cfg.device)
-        if own is None:
-            replica = build_replica(cfg, info, self.device, units)
-        else:
-            replica = replica_of(own.module, own.example, cfg, self.device, units)
+        self.compute = ComputeThread()
+        replica = self.compute.run(self._build, info, own, units)
         self.model, self.units, self.masker = replica.model.eval(), replica.units, replica.masker
         self.memory_format = replica.memory_format
         self.member: GroupMember | None = None
         self.home: FlatWeights | None = None  # object store: the flat weights' layout
         self.version = -1
 
+    def _build(self, info: DataInfo, own, units):
+        from ..models import build_replica, replica_of
+
+        set_cpu_threads(self.cfg.cpu_threads, self.cfg.cpus_per_evaluator)
+        if own is None:
+            return build_replica(self.cfg, info, self.device, units)
+        return replica_of(own.module, own.example, self.cfg, self.device, units)
+
     @ray.method(concurrency_group="probe")
     def identity(self) -> dict[str, Any]:
         # its own thread: it answers while the evaluator serves (liveness probes, diagnostics)
         return {"index": self.index, **rank_identity(self.device)}
 
+    @computes
     def load_weights(self, flat: np.ndarray) -> None:
         """Take the trainer's flat weights (:meth:`Trainer.weights`): one copy to this
         evaluator's device, then one per tensor of the model."""
@@ -255,12 +298,14 @@ class Evaluator:
         self.home.unpack(src)
 
     # --- the collective transport (ranks 1..N)
+    @computes
     def join_group(self, address, rank, world_size, backend, timeout_s, epoch) -> int:
         if self.member is None:  # binds the model's tensors to the receive buffer, once
             self.member = GroupMember(self.model, self.device, self.cfg.weights_dtype, bind=True)
         self.version = -1
         return self.member.join(address, rank, world_size, backend, timeout_s, epoch)
 
+    @computes
     def receive(self, version: int, epoch: int) -> dict[str, float]:
         if self.member is None:
             raise RuntimeError(f"evaluator {self.index} is in no group")
@@ -269,6 +314,7 @@ class Evaluator:
         self.version = version
         return out
 
+    @computes
     def evaluate(
         self,
         shard: int,
@@ -313,6 +359,7 @@ class Evaluator:
             amp=self.cfg.amp,
         )
 
+    @computes
     def serve(self, epoch: int, proposer) -> dict[str, Any]:
         """Propose and judge the trainer's requests over group ``epoch`` until told to stop:
         the trials of this rank's shard of the members, by ``proposer`` (the search's
