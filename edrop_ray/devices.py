@@ -21,7 +21,10 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from .errors import UserError
 
-__all__ = ["resolve_device", "worker_device", "set_cpu_threads", "ComputeThread", "computes"]
+__all__ = [
+    "resolve_device", "worker_device", "cpu_threads", "set_cpu_threads", "ComputeThread",
+    "computes",
+]  # fmt: skip
 
 T = TypeVar("T")
 
@@ -51,10 +54,15 @@ def worker_device(name: str) -> torch.device:
     return torch.device("cuda")
 
 
+def cpu_threads(threads: int, cpus: float) -> int:
+    """torch's CPU threads for a process: ``threads`` when set (the config's ``cpu_threads``),
+    else the CPUs the process was given (at least one)."""
+    return threads or max(1, int(cpus))
+
+
 def set_cpu_threads(threads: int, cpus: float) -> None:
-    """torch's CPU threads: ``threads`` when set (the config's ``cpu_threads``), else the CPUs the
-    process was given (at least one)."""
-    torch.set_num_threads(threads or max(1, int(cpus)))
+    """Set torch's CPU threads (:func:`cpu_threads`) for this thread and the ones it starts."""
+    torch.set_num_threads(cpu_threads(threads, cpus))
 
 
 class ComputeThread:
@@ -69,14 +77,19 @@ class ComputeThread:
     copies weights for a broadcast on a third keeps three teams: on 2 CPUs its training step
     took 7-10 % longer than the same step on one thread (``README``, "Ray vs local").
 
+    So this thread computes with ``threads`` torch threads, and every other thread of the
+    process with one (no team): the thread that makes it, and, as torch's default, every
+    thread that starts its first parallel work after that (Ray's concurrency groups).
+
     ``run(fn, ...)`` runs ``fn`` here and returns its result (or raises its error) to the
     caller, under the caller's torch dispatch and function modes, as if called in place (a
     test's device guard applies here too); called from this thread, it runs in place.
     """
 
-    def __init__(self, name: str = "torch-compute"):
+    def __init__(self, threads: int, name: str = "torch-compute"):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._ident = self._pool.submit(threading.get_ident).result()
+        self._ident = self._pool.submit(_own_threads, threads).result()
+        torch.set_num_threads(1)  # this thread's, and the default of threads yet to start
 
     @property
     def ident(self) -> int:
@@ -87,6 +100,14 @@ class ComputeThread:
             return fn(*args, **kwargs)
         modes = [*_get_current_function_mode_stack(), *_get_current_dispatch_mode_stack()]
         return self._pool.submit(_under, modes, fn, args, kwargs).result()
+
+
+def _own_threads(threads: int) -> int:
+    # torch takes a thread's OpenMP settings from the process's default at its first parallel
+    # work (or first ask); ask now, so that this thread keeps its own when the default changes
+    torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return threading.get_ident()
 
 
 def _under(modes: list, fn: Callable[..., T], args: tuple, kwargs: dict) -> T:

@@ -22,7 +22,7 @@ import ray
 import torch
 
 from ..config import Config
-from ..devices import ComputeThread, computes, set_cpu_threads, worker_device
+from ..devices import ComputeThread, computes, cpu_threads, worker_device
 from ..energy import compute_energies
 from ..files import pack_rows, unpack_rows, unpack_states
 from .transport import FlatWeights, GroupMember, free_address, rank_identity
@@ -64,7 +64,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, cpus: float, own=None, data=None, units=None):
         self.cfg = cfg
-        self.compute = ComputeThread()
+        self.compute = ComputeThread(cpu_threads(cfg.cpu_threads, cpus))
         self.member: GroupMember | None = None
         self._batch: tuple[str | None, Any] = (None, None)  # the last energy batch, by task
         self._lock = threading.Condition()  # the model between a training step and a staging
@@ -73,15 +73,12 @@ class Trainer:
         self._stage_due = -1  # the version a step on its way to the compute thread stages
         self._stage_s = 0.0
         self._flat: FlatWeights | None = None  # the object store's weights, packed
-        self.learner = self.compute.run(self._build, cpus, own, data, units)
+        self.learner = self.compute.run(self._build, own, data, units)
 
-    def _build(self, cpus: float, own, data, units):
+    def _build(self, own, data, units):
         from ..data import load_for
         from ..learner import Learner
 
-        set_cpu_threads(
-            self.cfg.cpu_threads, cpus
-        )  # the compute thread's (OpenMP's are per thread)
         if data is None:
             train_set, _test, info = load_for(self.cfg)
         else:
@@ -265,7 +262,7 @@ class Evaluator:
         self.cfg = cfg
         self.index = index
         self.device = worker_device(cfg.device)
-        self.compute = ComputeThread()
+        self.compute = ComputeThread(cpu_threads(cfg.cpu_threads, cfg.cpus_per_evaluator))
         replica = self.compute.run(self._build, info, own, units)
         self.model, self.units, self.masker = replica.model.eval(), replica.units, replica.masker
         self.memory_format = replica.memory_format
@@ -276,7 +273,6 @@ class Evaluator:
     def _build(self, info: DataInfo, own, units):
         from ..models import build_replica, replica_of
 
-        set_cpu_threads(self.cfg.cpu_threads, self.cfg.cpus_per_evaluator)
         if own is None:
             return build_replica(self.cfg, info, self.device, units)
         return replica_of(own.module, own.example, self.cfg, self.device, units)
