@@ -3,7 +3,8 @@
 One place for what the CLI, the Ray actors and the Tune trials each decided on their own: the
 driver resolves ``device`` from the config (``auto`` = CUDA when present); a process that Ray placed
 takes the GPU Ray gave it, if any; torch's CPU threads are set explicitly, because float sums, and
-so the masks bit for bit, depend on their number.
+so the masks bit for bit, depend on their number; and a model actor computes on one thread of its
+own (:class:`ComputeThread`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from .errors import UserError
 
-__all__ = [
-    "resolve_device", "worker_device", "cpu_threads", "set_cpu_threads", "ComputeThread",
-    "computes",
-]  # fmt: skip
+__all__ = ["resolve_device", "worker_device", "cpu_threads", "ComputeThread", "computes"]
 
 T = TypeVar("T")
 
@@ -60,11 +58,6 @@ def cpu_threads(threads: int, cpus: float) -> int:
     return threads or max(1, int(cpus))
 
 
-def set_cpu_threads(threads: int, cpus: float) -> None:
-    """Set torch's CPU threads (:func:`cpu_threads`) for this thread and the ones it starts."""
-    torch.set_num_threads(cpu_threads(threads, cpus))
-
-
 class ComputeThread:
     """One thread that does all of a process's torch work, whichever thread asks for it.
 
@@ -75,7 +68,7 @@ class ComputeThread:
     actor with concurrency groups runs ``__init__`` on its main thread and each group on a
     thread of its own, so a trainer that builds its model on one, trains on a second and
     copies weights for a broadcast on a third keeps three teams: on 2 CPUs its training step
-    took 7-10 % longer than the same step on one thread (``README``, "Ray vs local").
+    took 7-10 % longer than the same step on one thread (README, "Benchmarks").
 
     So this thread computes with ``threads`` torch threads, and every other thread of the
     process with one (no team): the thread that makes it, and, as torch's default, every
