@@ -137,12 +137,12 @@ def edropout_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     from ray import tune
 
     from .data import load_for
-    from .devices import worker_device
+    from .devices import cpu_threads, worker_device
     from .job import check_streams
     from .run import RunSpec, execute
 
     cfg = trial_config(base, config)
-    torch.set_num_threads(max(1, cfg.cpu_threads or int(_trial_cpus(cfg))))
+    torch.set_num_threads(cpu_threads(cfg.cpu_threads, _trial_cpus(cfg)))
     data = load_for(cfg)
     last: dict[str, Any] = {}
 
