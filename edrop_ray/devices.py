@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -83,6 +84,18 @@ class ComputeThread:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._ident = self._pool.submit(_own_threads, threads).result()
         torch.set_num_threads(1)  # this thread's, and the default of threads yet to start
+        _LIVE.add(self)
+
+    def close(self) -> None:
+        """End the thread (after the work queued for it); ``run`` refuses afterwards."""
+        self._pool.shutdown(wait=True)
+
+    @staticmethod
+    def close_all() -> None:
+        """End every compute thread of this process: for a process that made them in place
+        (the tests) and must not leave them to the interpreter's exit."""
+        for compute in list(_LIVE):
+            compute.close()
 
     @property
     def ident(self) -> int:
@@ -93,6 +106,9 @@ class ComputeThread:
             return fn(*args, **kwargs)
         modes = [*_get_current_function_mode_stack(), *_get_current_dispatch_mode_stack()]
         return self._pool.submit(_under, modes, fn, args, kwargs).result()
+
+
+_LIVE: weakref.WeakSet[ComputeThread] = weakref.WeakSet()
 
 
 def _own_threads(threads: int) -> int:

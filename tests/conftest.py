@@ -97,3 +97,11 @@ def grid_model(request):
     x = torch.randn(2, in_ch, 32, 32, generator=torch.Generator().manual_seed(1))
     units = discover_units(model, x)
     return name, model, units, x
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """End the compute threads the tests made in this process (trainers and evaluators built
+    in place) before the interpreter's exit tears torch down around them."""
+    from edrop_ray.devices import ComputeThread
+
+    ComputeThread.close_all()

@@ -66,6 +66,9 @@ def test_run_returns_raises_and_runs_in_place_from_its_own_thread():
         compute.run(lambda: 1 / 0)
     # a method on the compute thread that calls another: in place, not queued behind itself
     assert compute.run(compute.run, threading.get_ident) == compute.ident
+    compute.close()  # the thread ends; nothing more runs there
+    with pytest.raises(RuntimeError):
+        compute.run(threading.get_ident)
 
 
 def test_the_compute_thread_keeps_its_threads_and_every_other_thread_gets_one():
