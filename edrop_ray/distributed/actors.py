@@ -132,6 +132,7 @@ class Trainer:
         task, batch = self._batch
         return batch if ref.task_id().hex() == task else ray.get(ref)
 
+    @computes
     def weights(self) -> np.ndarray:
         """The current weights and floating BN buffers as one flat fp32 array (CPU), laid out
         as :class:`~edrop_ray.distributed.transport.FlatWeights` over the model; returned
@@ -141,9 +142,6 @@ class Trainer:
         node; a dict of tensors is pickled tensor by tensor and unpickled by each evaluator
         again (ResNet-18 on the CPU: 41 ms instead of 135 ms per version, README).
         """
-        return self.compute.run(self._pack_flat)
-
-    def _pack_flat(self) -> np.ndarray:
         if self._flat is None:
             self._flat = FlatWeights(
                 self.learner.model, device=self.learner.device, dtype=torch.float32
