@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision import datasets, transforms
 
+from edrop_ray.dataset_info import DataInfo
 from edrop_ray.errors import UserError
 from edrop_ray.imports import describe_exception, is_import_path, resolve_callable
 from edrop_ray.seeds import stream
@@ -55,17 +56,6 @@ _MNIST_RAW = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
-
-
-@dataclass(frozen=True)
-class DataInfo:
-    """What a model needs to know about a dataset."""
-
-    name: str
-    num_classes: int
-    in_channels: int
-    train_size: int
-    test_size: int
 
 
 # torchvision's CIFAR and Flowers102 classes compare md5 sums of the original downloads. Files

@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.data import Dataset, default_collate
 
 from .config import Config
-from .data import DataInfo
+from .dataset_info import DataInfo
 from .devices import resolve_device  # re-exported: the CLI, job and compare import it here
 from .energy import compute_energies
 from .errors import UserError

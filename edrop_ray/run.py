@@ -24,11 +24,12 @@ from .budget import counter_for
 from .config import Config, config_to_dict
 from .learner import Learner, OwnModel, new_learner
 from .loop import run_edropout
+from .models import portable_copy
 from .report import Progress, print_summary
 from .search import Search
 from .seeds import STREAMS_VERSION
 
-__all__ = ["RunSpec", "RunOutcome", "execute"]
+__all__ = ["RunSpec", "RunOutcome", "execute", "replica_source"]
 
 
 class RunOutcome(NamedTuple):
@@ -70,7 +71,9 @@ class RunSpec:
 
 def _start_runtime(cfg: Config, local: Learner, own: OwnModel | None, counter):
     """The Ray runtime, its actors asked for but not waited for (None in process): they boot
-    while the driver trains the dense baseline."""
+    while the driver trains the dense baseline.
+
+    The actors build their replicas from :func:`replica_source`."""
     if cfg.backend == "local":
         return None
     from .distributed.runner import RayRuntime  # Ray is imported only when asked for
@@ -81,9 +84,20 @@ def _start_runtime(cfg: Config, local: Learner, own: OwnModel | None, counter):
         local.units,
         counter=counter,
         own=own,
+        model=replica_source(local, own),
         train_set=local.train_set,
         wait=False,
     )
+
+
+def replica_source(local: Learner, own: OwnModel | None) -> OwnModel | None:
+    """What the Ray actors build their replicas from: ``own`` (a user's network), else the
+    :func:`~edrop_ray.models.portable_copy` of ``local``'s model (``cfg.model`` with its initial
+    weights), else None (the actors build ``cfg.model`` by name)."""
+    if own is not None:
+        return own
+    copy = portable_copy(local.model, local.example)
+    return None if copy is None else OwnModel(copy, local.example)
 
 
 def _restore(checkpoint, learner, search) -> tuple[list, list, float]:

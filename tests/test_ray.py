@@ -25,6 +25,7 @@ from edrop_ray.data import load_datasets
 from edrop_ray.distributed.runner import RayRuntime, plan_resources
 from edrop_ray.learner import Learner
 from edrop_ray.loop import run_edropout
+from edrop_ray.run import replica_source
 
 pytestmark = pytest.mark.ray
 SHARED_RAY = True  # the session's Ray instance (tests/conftest.py: ray_cluster)
@@ -98,7 +99,8 @@ def _drive(cfg, on_generation, rejoin_s: float = 0.0):
     with ``rejoin_s``, wait that long at most for evaluators marked dead to rejoin."""
     train_set, _test, info = load_datasets(cfg.dataset, data_root=".", input_size=cfg.input_size)
     local = Learner(cfg, train_set, info, torch.device("cpu"))
-    runtime = RayRuntime(cfg, info, local.units)
+    # as a run builds them: the actors from the driver's portable copy of the model
+    runtime = RayRuntime(cfg, info, local.units, model=replica_source(local, None))
     try:
         run_edropout(
             runtime.learner,
@@ -303,12 +305,15 @@ def test_a_failure_while_the_actors_start_kills_them(cluster, tmp_path, monkeypa
     assert not (tmp_path / "run").exists()
 
 
-def test_the_actors_boot_on_the_drivers_units_and_data(cluster):
+@pytest.mark.parametrize("portable", [True, False], ids=["portable-copy", "by-name"])
+def test_the_actors_boot_on_the_drivers_units_and_data(cluster, portable):
     """The coordinator holds states, never a model: its process must not import torchvision,
     Torch-Pruning or scikit-learn (seconds of CPU per process; it imports the actors' module to
     unpickle its handles to them). The trainer and the evaluators take the units the driver
     traced, so they never import Torch-Pruning either. A data set the driver holds in memory
-    goes to the trainer, which then never reads it again (digits: no scikit-learn)."""
+    goes to the trainer, which then never reads it again (digits: no scikit-learn). Built from
+    the driver's portable copy of the model (as a run builds them), they import no torchvision
+    either; built by name, they do."""
 
     def heavy_modules(_actor) -> list[str]:  # defined here: pickled by value, run in the actor
         import sys
@@ -318,7 +323,9 @@ def test_the_actors_boot_on_the_drivers_units_and_data(cluster):
     cfg = load_config(TINY, [*SAME, "num_evaluators=1"])
     train_set, _test, info = load_datasets(cfg.dataset, data_root=".", input_size=cfg.input_size)
     local = Learner(cfg, train_set, info, torch.device("cpu"))
-    runtime = RayRuntime(cfg, info, local.units, train_set=train_set)
+    model = replica_source(local, None) if portable else None
+    assert portable is (model is not None)
+    runtime = RayRuntime(cfg, info, local.units, model=model, train_set=train_set)
     try:
         coordinator, trainer, evaluator = (
             ray.get(a.__ray_call__.remote(heavy_modules), timeout=120)
@@ -328,6 +335,6 @@ def test_the_actors_boot_on_the_drivers_units_and_data(cluster):
     finally:
         runtime.shutdown()
     assert coordinator == []
-    # the actors that hold a model do import the model code (the check above can fail)
-    assert trainer == evaluator == ["torchvision"]
+    # by name, the actors that hold a model import torchvision (the check can fail)
+    assert trainer == evaluator == ([] if portable else ["torchvision"])
     assert steps == local.total_steps

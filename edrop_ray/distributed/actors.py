@@ -28,13 +28,14 @@ from ..files import pack_rows, unpack_rows, unpack_states
 from .transport import FlatWeights, GroupMember, free_address, rank_identity
 
 if TYPE_CHECKING:
-    from ..data import DataInfo
+    from ..dataset_info import DataInfo
 
 __all__ = ["Trainer", "Evaluator", "CONCURRENCY_GROUPS", "EVALUATOR_GROUPS"]
 
 # The model code (learner, models, data: torchvision and Torch-Pruning, seconds of CPU to import)
 # is imported when a trainer or an evaluator is built, not with this module: the coordinator's
 # process imports this module too, to unpickle its handles to these actors, and holds no model.
+# Built from a portable model (models.portable_copy), neither actor imports torchvision at all.
 
 # The trainer's threads: its process-group calls run beside its training steps.
 CONCURRENCY_GROUPS = {"comm": 1}
@@ -45,7 +46,9 @@ EVALUATOR_GROUPS = {"probe": 1}
 class Trainer:
     """Owns the model and optimiser; trains with the best state and publishes weights.
 
-    own: a user's own network (:class:`~edrop_ray.learner.OwnModel`), else ``cfg.model``;
+    own: the network to train (:class:`~edrop_ray.learner.OwnModel`: a user's, or the driver's
+    portable copy of ``cfg.model`` with its initial weights), else None: ``cfg.model`` built
+    here;
     data: ``(train_set, info)`` shipped once through the object store (a user's data, or a set
     the driver holds in memory), else read from ``cfg``'s data set where the trainer runs;
     units: the driver's :class:`~edrop_ray.units.Units` of the model (none: traced here).
@@ -76,10 +79,11 @@ class Trainer:
         self.learner = self.compute.run(self._build, own, data, units)
 
     def _build(self, own, data, units):
-        from ..data import load_for
         from ..learner import Learner
 
         if data is None:
+            from ..data import load_for  # torchvision: a data set read from files needs it
+
             train_set, _test, info = load_for(self.cfg)
         else:
             train_set, info = data
@@ -252,9 +256,11 @@ class Trainer:
 
 class Evaluator:
     """A model replica that judges a shard of candidate states on the generation's batch
-    (``cfg.model``, or ``own``: a user's network, this actor's own unpickled copy), its
-    ``units`` the driver's (none: traced here). Its model is built and used on one thread,
-    :attr:`compute` (as the trainer's)."""
+    (``own``: the :func:`~edrop_ray.models.skeleton` of the trainer's network, a user's or the
+    driver's portable copy of ``cfg.model``, given with no weights: they arrive from the
+    trainer before the first judging; else ``cfg.model`` built here), its ``units`` the
+    driver's (none: traced here). Its model is built and used on one thread, :attr:`compute`
+    (as the trainer's)."""
 
     def __init__(self, cfg: Config, info: DataInfo, index: int, own=None, units=None):
         self.cfg = cfg
@@ -269,11 +275,11 @@ class Evaluator:
         self.version = -1
 
     def _build(self, info: DataInfo, own, units):
-        from ..models import build_replica, replica_of
+        from ..models import build_replica, materialize, replica_of
 
         if own is None:
             return build_replica(self.cfg, info, self.device, units)
-        return replica_of(own.module, own.example, self.cfg, self.device, units)
+        return replica_of(materialize(own.module), own.example, self.cfg, self.device, units)
 
     @ray.method(concurrency_group="probe")
     def identity(self) -> dict[str, Any]:

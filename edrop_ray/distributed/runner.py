@@ -26,9 +26,10 @@ from ray.util.scheduling_strategies import (
 from torch.utils.data import TensorDataset
 
 from ..config import Config
-from ..data import DataInfo
+from ..dataset_info import DataInfo
 from ..errors import UserError
-from ..learner import Learner
+from ..learner import Learner, OwnModel
+from ..models import skeleton as skeleton_of
 from ..units import Units
 from .actors import CONCURRENCY_GROUPS, EVALUATOR_GROUPS, Evaluator, Trainer
 from .coordinator import Coordinator
@@ -87,13 +88,17 @@ class RayRuntime:
     way, or a Ctrl-C, kills the actors started so far (:meth:`shutdown` is safe to repeat).
 
     own, train_set: a user's own network (:class:`~edrop_ray.learner.OwnModel`: the module, pickled
-    with its weights, and its example inputs) and training set, put in the object store once
-    and built by every actor from there; without them the actors build ``cfg.model`` and load
-    ``cfg.dataset`` themselves. ``units``: the model's units as the driver traced them, sent
-    to every actor (each checks they fit its model) instead of traced again in each, which
-    would import Torch-Pruning and trace the model there (0.4-0.5 CPU-seconds per actor for
-    ResNet-18 on 32 px, more for larger models and inputs). ``timings`` holds the seconds of
-    each start-up phase (``ray_init_s``, ``submit_s``, ``ready_wait_s``: what
+    with its weights, and its example inputs) and training set; the set goes through the object
+    store once, and without them the trainer loads ``cfg.dataset`` itself. ``model``: the
+    network the replicas are built from: ``own``, or the driver's
+    :func:`~edrop_ray.models.portable_copy` of ``cfg.model`` with its initial weights (so no
+    actor imports torchvision); the trainer gets it through the object store, each evaluator
+    its :func:`~edrop_ray.models.skeleton` by value (no weights: they come from the trainer).
+    None: every actor builds ``cfg.model`` by name. ``units``: the model's units as the driver
+    traced them, sent to every actor (each checks they fit its model) instead of traced again
+    in each, which would import Torch-Pruning and trace the model there (0.4-0.5 CPU-seconds
+    per actor for ResNet-18 on 32 px, more for larger models and inputs). ``timings`` holds the
+    seconds of each start-up phase (``ray_init_s``, ``submit_s``, ``ready_wait_s``: what
     :meth:`wait_ready` still waited).
     """
 
@@ -105,6 +110,7 @@ class RayRuntime:
         *,
         counter=None,
         own=None,
+        model=None,
         train_set=None,
         wait: bool = True,
     ):
@@ -115,13 +121,12 @@ class RayRuntime:
         self.started_ray = False
         self._stopped = self._ready = False
         self.timings: dict[str, float] = {}
-        self._own_ref = None
         t0 = time.perf_counter()
         self.started_ray = connect(cfg)
         t1 = time.perf_counter()
         self.timings["ray_init_s"] = t1 - t0
         try:
-            self._submit(info, counter, own, train_set)
+            self._submit(info, counter, own, own if model is None else model, train_set)
             self.timings["submit_s"] = time.perf_counter() - t1
             if wait:
                 self.wait_ready()
@@ -129,15 +134,16 @@ class RayRuntime:
             self.shutdown()
             raise
 
-    def _submit(self, info: DataInfo, counter, own, train_set) -> None:
+    def _submit(self, info: DataInfo, counter, own, model, train_set) -> None:
         """Ask for the placement group and every actor; wait for none of them."""
         cfg = self.cfg
-        own_ref = data_ref = None
-        if own is not None:  # one copy in the object store, read by every actor
-            own_ref = ray.put(own)
-            # held for the run: Ray restarts a lost evaluator with the arguments it was created
-            # with, and a restart whose argument has gone out of scope fails
-            self._own_ref = own_ref
+        own_ref = data_ref = skeleton = None
+        if model is not None:
+            # the trainer's, with its weights, through the object store; the evaluators get
+            # its structure only, by value (tens of kB): their weights come from the trainer,
+            # and a restarted evaluator is built from arguments of its own, no reference
+            own_ref = ray.put(model)
+            skeleton = OwnModel(skeleton_of(model.module), model.example)
         if own is not None or isinstance(train_set, TensorDataset):
             # a user's data, or a set the driver already holds in memory (digits, the MNIST
             # test split): the trainer takes the driver's copy instead of reading it again;
@@ -173,7 +179,7 @@ class RayRuntime:
                     placement_group=self.pg, placement_group_bundle_index=i
                 ),
             )
-            .remote(cfg, info, i, own_ref, self.units)
+            .remote(cfg, info, i, skeleton, self.units)
             for i in range(n)
         ]
         self.trainer = (
