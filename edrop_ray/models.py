@@ -52,6 +52,7 @@ __all__ = [
     "portable_copy",
     "skeleton",
     "materialize",
+    "synced_tensors",
 ]
 
 
@@ -443,20 +444,46 @@ def portable_copy(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
     return traced.train(model.training) if same else None
 
 
+def synced_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The tensors a replica receives as its weights: parameters and floating buffers, in
+    state_dict order (the same on every rank). The rest (integer buffers, buffers outside the
+    state dict) every replica holds from its own build."""
+    return [
+        (name, t) for name, t in model.state_dict(keep_vars=True).items() if t.is_floating_point()
+    ]
+
+
 def skeleton(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose parameters and buffers are on the ``meta`` device: its structure
-    without its weights (ResNet-18: about 21 kB pickled, against 45 MB with them)."""
-    return copy.deepcopy(model).to("meta")
+    """A copy of ``model`` without its weights: the tensors of :func:`synced_tensors` on the
+    ``meta`` device (ResNet-18: about 21 kB pickled, against 45 MB), every other tensor kept
+    with its values (a replica receives only the synced ones). Tied tensors stay tied."""
+    bare = copy.deepcopy(model)
+    synced = {id(t) for _, t in synced_tensors(bare)}
+    _replace_tensors(bare, lambda t: id(t) in synced, lambda t: torch.empty_like(t, device="meta"))
+    return bare
 
 
 def materialize(model: nn.Module) -> nn.Module:
-    """``model`` (a :func:`skeleton`, or any model) with its tensors on the CPU, zero-filled: a
-    replica whose weights arrive later (an evaluator's, from the trainer) holds zeros, never
-    stale memory, until then. A model already on the CPU is returned as it is."""
-    if all(t.device.type != "meta" for t in (*model.parameters(), *model.buffers())):
-        return model
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for t in (*model.parameters(), *model.buffers()):
-            t.zero_()
+    """``model`` (a :func:`skeleton`) with its ``meta`` tensors replaced by zeros on the CPU, in
+    place: a replica whose weights arrive later (an evaluator's, from the trainer) holds zeros
+    until then, never stale memory. A model with no ``meta`` tensor is returned as it is."""
+    _replace_tensors(
+        model, lambda t: t.device.type == "meta", lambda t: torch.zeros(t.shape, dtype=t.dtype)
+    )
     return model
+
+
+def _replace_tensors(model: nn.Module, which, make) -> None:
+    """Replace every parameter and buffer ``t`` of ``model`` with ``which(t)`` by ``make(t)``
+    (a parameter stays a parameter, with its ``requires_grad``), the same object once for
+    every module that shares it."""
+    done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (old, kept alive; new)
+    for m in model.modules():
+        for slots, is_param in ((m._parameters, True), (m._buffers, False)):
+            for key, t in slots.items():
+                if t is None or not which(t):
+                    continue
+                if id(t) not in done:
+                    new = make(t.detach())
+                    done[id(t)] = (t, nn.Parameter(new, t.requires_grad) if is_param else new)
+                slots[key] = done[id(t)][1]

@@ -26,6 +26,7 @@ from edrop_ray.models import (
     materialize,
     portable_copy,
     skeleton,
+    synced_tensors,
 )
 from edrop_ray.units import check_fits, discover_units
 
@@ -134,7 +135,10 @@ def test_the_skeleton_has_no_weights_and_materializes_as_zeros():
     model = build_model("resnet18", num_classes=10, in_channels=1)
     copy = portable_copy(model, example_input(1, 32))
     bare = skeleton(copy)
-    assert all(t.device.type == "meta" for t in (*bare.parameters(), *bare.buffers()))
+    synced = {name for name, _ in synced_tensors(bare)}
+    assert synced and all(t.device.type == "meta" for _, t in synced_tensors(bare))
+    kept = {k: t for k, t in bare.state_dict().items() if k not in synced}
+    assert kept and all(t.device.type == "cpu" for t in kept.values())  # BN's batch counters
     # tens of kB: an evaluator's constructor argument stays inline (Ray's limit: 100 kB)
     assert len(pickle.dumps(bare)) < 100_000 < len(pickle.dumps(copy))
     assert next(copy.parameters()).device.type == "cpu"  # the copy itself is untouched
@@ -143,7 +147,8 @@ def test_the_skeleton_has_no_weights_and_materializes_as_zeros():
     assert list(sd) == list(ref)
     for k in ref:
         assert sd[k].shape == ref[k].shape and sd[k].dtype == ref[k].dtype
-        assert sd[k].device.type == "cpu" and not sd[k].any()
+        assert sd[k].device.type == "cpu"
+        assert not sd[k].any() if k in synced else torch.equal(sd[k], ref[k])
     made.load_state_dict(ref)  # the weights that arrive later fit
     x = torch.randn(2, 1, 32, 32)
     assert torch.equal(_outputs(made, x, train=False), _outputs(copy, x, train=False))
@@ -186,3 +191,34 @@ def test_an_actor_built_from_the_copy_never_imports_torchvision(tmp_path):
         capture_output=True, text=True, timeout=300, check=True,
     )  # fmt: skip
     assert by_name.stdout.strip() == "True"
+
+
+class _Constants(nn.Module):
+    """Tensors a replica does not receive as weights (integer and non-persistent buffers) and a
+    weight tied to another: the skeleton must keep the first with their values and the tie."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight  # tied
+        self.register_buffer("order", torch.tensor([3, 1, 0, 2]))  # integer: not synced
+        self.register_buffer("scale", torch.full((4,), 2.0), persistent=False)  # not synced
+
+    def forward(self, x):
+        return self.b(self.a(x)[:, self.order] * self.scale)
+
+
+def test_the_skeleton_keeps_what_a_replica_does_not_receive():
+    torch.manual_seed(0)
+    model = _Constants()
+    bare = skeleton(model)
+    assert torch.equal(bare.order, model.order) and torch.equal(bare.scale, model.scale)
+    assert bare.a.weight.device.type == "meta" and bare.b.weight is bare.a.weight
+    made = materialize(pickle.loads(pickle.dumps(bare)))
+    assert made.b.weight is made.a.weight  # still tied after the zeros
+    with torch.no_grad():  # the synced tensors arrive (as the transport writes them)
+        for (_, dst), (_, src) in zip(synced_tensors(made), synced_tensors(model), strict=True):
+            dst.copy_(src)
+    x = torch.randn(3, 4)
+    assert torch.equal(made(x), model(x))

@@ -56,6 +56,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import UserError
+from ..models import synced_tensors
 
 __all__ = [
     "WIRE_DTYPES",
@@ -69,13 +70,6 @@ __all__ = [
 ]
 
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def synced_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Parameters and floating buffers, in state_dict order (the same on every rank)."""
-    return [
-        (name, t) for name, t in model.state_dict(keep_vars=True).items() if t.is_floating_point()
-    ]
 
 
 class FlatWeights:
