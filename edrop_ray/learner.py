@@ -26,7 +26,7 @@ from .dataset_info import DataInfo
 from .devices import resolve_device  # re-exported: the CLI, job and compare import it here
 from .energy import compute_energies
 from .errors import UserError
-from .models import Replica, build_replica, replica_of
+from .models import Replica, build_replica, replica_of, skeleton
 from .seeds import stream, stream_seed
 from .train import build_optimizer, build_scheduler, evaluate, train_step
 from .units import Units
@@ -357,6 +357,11 @@ class OwnModel:
             example_inputs=self.example,
             units=units,
         )
+
+    def without_weights(self) -> OwnModel:
+        """This network as an evaluator gets it: its :func:`~edrop_ray.models.skeleton` (the
+        structure, tens of kB pickled) and the example; the weights come from the trainer."""
+        return OwnModel(skeleton(self.module), self.example)
 
 
 def new_learner(

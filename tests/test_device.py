@@ -215,19 +215,27 @@ def test_bn_recalibration_on_another_device_matches_the_cpu(data):
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
 
 
-def test_the_actors_code_runs_on_another_device(data, monkeypatch):
+@pytest.mark.parametrize("portable", [True, False], ids=["portable-copy", "by-name"])
+def test_the_actors_code_runs_on_another_device(data, monkeypatch, portable):
     """The trainer and evaluator actors' own methods, called in process (no Ray cluster), built
-    as the runtime builds them: on the units the driver traced (CPU tensors, pickled)."""
+    as the runtime builds them: on the units the driver traced (CPU tensors, pickled), and from
+    the driver's portable copy (the trainer with its CPU weights, each evaluator its skeleton,
+    CPU zeros until the weights arrive) or by name."""
     from edrop_ray.distributed import actors
+    from edrop_ray.run import replica_source
 
     train_set, _test, info = data
     cfg = tiny()
-    units = pickle.loads(pickle.dumps(Learner(cfg, train_set, info, CPU).units))
+    local = Learner(cfg, train_set, info, CPU)
+    units = pickle.loads(pickle.dumps(local.units))
+    model = replica_source(local, None) if portable else None
+    assert portable is (model is not None)
+    bare = None if model is None else pickle.loads(pickle.dumps(model.without_weights()))
     states = Search.from_config(cfg, units.num_units).propose()
     with other_device() as dev:
         monkeypatch.setattr(actors, "worker_device", lambda _name: dev)
-        trainer = actors.Trainer(cfg, 1.0, units=units)
-        evaluator = actors.Evaluator(cfg, info, 0, units=units)
+        trainer = actors.Trainer(cfg, 1.0, model, units=units)
+        evaluator = actors.Evaluator(cfg, info, 0, bare, units=units)
         assert trainer.learner.device == dev and evaluator.device == dev
         batch = trainer.energy_batch()  # CPU tensors, as shipped through the object store
         assert batch[0].device == CPU

@@ -28,8 +28,7 @@ from torch.utils.data import TensorDataset
 from ..config import Config
 from ..dataset_info import DataInfo
 from ..errors import UserError
-from ..learner import Learner, OwnModel
-from ..models import skeleton as skeleton_of
+from ..learner import Learner
 from ..units import Units
 from .actors import CONCURRENCY_GROUPS, EVALUATOR_GROUPS, Evaluator, Trainer
 from .coordinator import Coordinator
@@ -143,7 +142,7 @@ class RayRuntime:
             # its structure only, by value (tens of kB): their weights come from the trainer,
             # and a restarted evaluator is built from arguments of its own, no reference
             own_ref = ray.put(model)
-            skeleton = OwnModel(skeleton_of(model.module), model.example)
+            skeleton = model.without_weights()
         if own is not None or isinstance(train_set, TensorDataset):
             # a user's data, or a set the driver already holds in memory (digits, the MNIST
             # test split): the trainer takes the driver's copy instead of reading it again;
