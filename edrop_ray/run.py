@@ -188,16 +188,25 @@ def execute(spec: RunSpec) -> RunOutcome:
         timings["search_s"] = time.perf_counter() - t_run
         if runtime is not None:
             learner = runtime.learner.to_local(local)
-    finally:
+    except BaseException:
         if runtime is not None:
             runtime.shutdown()
+        raise
+    if runtime is not None:
+        runtime.release()  # the actors go now; a Ray this run started stops meanwhile
     t = time.perf_counter()
-    slim, m, report = finish_run(
-        cfg, run_dir, learner, search, test_set, dense, history, snapshots, own=own
-    )
+    try:
+        slim, m, report = finish_run(
+            cfg, run_dir, learner, search, test_set, dense, history, snapshots, own=own
+        )
+        timings["finish_s"] = time.perf_counter() - t
+    finally:
+        if runtime is not None:
+            t = time.perf_counter()
+            runtime.shutdown()  # waits for that Ray to have stopped
+            timings["ray_stop_wait_s"] = time.perf_counter() - t
     report["wall_s"] = wall_before + time.perf_counter() - t0
     report["weights_transport"] = runtime.transport_name if runtime is not None else "in process"
-    timings["finish_s"] = time.perf_counter() - t
     report["timings"] = timings
     store.write_json(run_dir / "report.json", report)
     (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete: report.json is

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -119,6 +120,7 @@ class RayRuntime:
         self.trainer = self.coordinator = self.pg = None
         self.started_ray = False
         self._stopped = self._ready = False
+        self._stopping: threading.Thread | None = None  # a Ray this runtime started, stopping
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
         self.started_ray = connect(cfg)
@@ -256,9 +258,12 @@ class RayRuntime:
         """pid and node of every evaluator (for tests and diagnostics)."""
         return ray.get([e.identity.remote() for e in self.evaluators], timeout=_CONTROL_TIMEOUT_S)
 
-    def shutdown(self) -> None:
-        """Kill every actor asked for, remove the placement group and stop a Ray this runtime
-        started. Safe to call more than once, and after a failed start."""
+    def release(self) -> None:
+        """Kill every actor asked for and remove the placement group, at once; a Ray this
+        runtime started stops in a background thread (about a second here, nearly all of it
+        waiting for Ray's processes to exit), so the driver can go on with work that needs no
+        Ray, the final measurement above all. :meth:`shutdown` waits for it. Safe to call more
+        than once, and after a failed start."""
         if self._stopped:
             return
         self._stopped = True
@@ -270,7 +275,16 @@ class RayRuntime:
                 remove_placement_group(self.pg)
         finally:
             if self.started_ray:
-                ray.shutdown()
+                # Not a daemon: the interpreter waits for it at exit, before Ray's own atexit.
+                self._stopping = threading.Thread(target=ray.shutdown, name="ray-shutdown")
+                self._stopping.start()
+
+    def shutdown(self) -> None:
+        """:meth:`release`, then wait until a Ray this runtime started has stopped."""
+        self.release()
+        if self._stopping is not None:
+            self._stopping.join()
+            self._stopping = None
 
 
 class RemoteLearner:
