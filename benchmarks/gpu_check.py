@@ -224,6 +224,22 @@ def run(cmd: list[str], check: Check, label: str, log: Path) -> subprocess.Popen
     return proc
 
 
+def cycle_medians(history: Path) -> dict[str, float | None]:
+    """Median seconds per generation of a run's energies and of its whole cycle."""
+    if not history.is_file():
+        return {"energy_s_median": None, "cycle_s_median": None}
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(history).to_pylist()
+    energy = sorted(r["energy_seconds"] for r in rows)
+    ends = [r["seconds"] for r in rows]
+    cycles = sorted(b - a for a, b in zip(ends, ends[1:], strict=False))
+    return {
+        "energy_s_median": energy[len(energy) // 2] if energy else None,
+        "cycle_s_median": cycles[len(cycles) // 2] if cycles else None,
+    }
+
+
 def prune_runs(check: Check, args, device: str, out: Path) -> list[dict[str, Any]]:
     base = ["--config", "configs/tiny.yaml"] if args.dry_run else []
     epochs = 1 if args.dry_run else args.epochs
@@ -255,6 +271,10 @@ def prune_runs(check: Check, args, device: str, out: Path) -> list[dict[str, Any
             keys = ("dense_top1", "pruned_top1", "prune_rate", "params_pruned", "generations")
             row.update({k: r.get(k) for k in (*keys, "converged_at", "steps", "dense_wall_s")})
             row["run_wall_s"] = r.get("wall_s")
+            # where the time went: the run's phases, and per generation the energies and the
+            # whole cycle (energies + training steps), medians over the run's generations
+            row["timings"] = r.get("timings")
+            row.update(cycle_medians(run_dir / "history.parquet"))
             chance = 100.0 / 10
             # the dry run's tiny config (16 px, 22 steps) leaves the pruned model near chance
             for k in ("dense_top1",) if args.dry_run else ("dense_top1", "pruned_top1"):
