@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .errors import RunInterrupted, UserError
+from .memory import keep_heap_memory
 
 __all__ = ["build_parser", "main"]
 
@@ -190,6 +191,7 @@ def _one_line(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_heap_memory()  # this process is the tool's own: freed activations stay in its heap
     try:
         return _run(args)
     except UserError as e:

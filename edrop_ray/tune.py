@@ -139,9 +139,11 @@ def edropout_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     from .data import load_for
     from .devices import cpu_threads, worker_device
     from .job import check_streams
+    from .memory import keep_heap_memory
     from .run import RunSpec, execute
 
     cfg = trial_config(base, config)
+    keep_heap_memory()  # a trial's process is Ray's worker, the tool's own
     torch.set_num_threads(cpu_threads(cfg.cpu_threads, _trial_cpus(cfg)))
     data = load_for(cfg)
     last: dict[str, Any] = {}

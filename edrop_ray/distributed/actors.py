@@ -25,6 +25,7 @@ from ..config import Config
 from ..devices import ComputeThread, computes, cpu_threads, worker_device
 from ..energy import compute_energies
 from ..files import pack_rows, unpack_rows, unpack_states
+from ..memory import keep_heap_memory
 from .transport import FlatWeights, GroupMember, free_address, rank_identity
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, cpus: float, own=None, data=None, units=None):
+        keep_heap_memory()
         self.cfg = cfg
         self.compute = ComputeThread(cpu_threads(cfg.cpu_threads, cpus))
         self.member: GroupMember | None = None
@@ -263,6 +265,7 @@ class Evaluator:
     (as the trainer's)."""
 
     def __init__(self, cfg: Config, info: DataInfo, index: int, own=None, units=None):
+        keep_heap_memory()
         self.cfg = cfg
         self.index = index
         self.device = worker_device(cfg.device)
