@@ -12,11 +12,14 @@ __all__ = ["keep_heap_memory", "HEAP_SETTINGS"]
 
 # glibc's mallopt parameters (malloc.h) and the values this tool's processes use; each is
 # left alone when its environment variable (MALLOC_TRIM_THRESHOLD_, ...) is set.
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
 HEAP_SETTINGS = {
     "MALLOC_MMAP_THRESHOLD_": (_M_MMAP_THRESHOLD, 32 << 20),  # glibc's largest allowed
     "MALLOC_TRIM_THRESHOLD_": (_M_TRIM_THRESHOLD, 2**31 - 1),  # mallopt's largest (an int)
     "MALLOC_TOP_PAD_": (_M_TOP_PAD, 64 << 20),
+    # threads started from now on (a model actor's compute thread) share the main heap: a
+    # thread's own arena gives an emptied 64 MB heap back to the kernel whatever the threshold
+    "MALLOC_ARENA_MAX": (_M_ARENA_MAX, 1),
 }
 
 
@@ -29,8 +32,14 @@ def keep_heap_memory() -> dict[str, int]:
     the next pass. Here: blocks up to 32 MB come from the heap, the heap is never trimmed below
     2 GB, and it grows 64 MB at a time. A process keeps its peak heap until it exits.
 
+    Threads started after the call allocate from the main heap too (one arena): a thread's own
+    arena hands an emptied 64 MB heap back whatever the threshold. Blocks over 32 MB (glibc's
+    limit; a ResNet-18 32 px activation of 256 samples is 64 MB) are still mapped and unmapped.
+
     Called by the processes this tool owns (the CLI, the Ray actors, Tune trials), never by the
-    Python API in a user's process. A no-op off glibc. Returns the settings applied, by name.
+    Python API in a user's process. A no-op off glibc, and for each setting the user made
+    (its environment variable, or any ``glibc.malloc`` tunable in ``GLIBC_TUNABLES``: then
+    none). Returns the settings applied, by name.
     """
     try:
         libc = ctypes.CDLL(None)
@@ -39,6 +48,8 @@ def keep_heap_memory() -> dict[str, int]:
     except (OSError, AttributeError):
         return {}
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return {}  # the user tuned glibc's allocator: theirs wins
     applied = {}
     for name, (param, value) in HEAP_SETTINGS.items():
         if name in os.environ:

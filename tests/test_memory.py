@@ -34,27 +34,37 @@ applied = None
 if sys.argv[1] == "keep":
     from edrop_ray.memory import keep_heap_memory
     applied = keep_heap_memory()
-size = 20 << 20
-block = libc.malloc(size)
-ctypes.memset(block, 1, size)
-during = libc.mallinfo2()
-libc.free(block)
-after = libc.mallinfo2()
+size, seen = 20 << 20, []
+def use():
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    seen.append(libc.mallinfo2())
+    libc.free(block)
+    seen.append(libc.mallinfo2())
+if len(sys.argv) > 2:  # on a thread started after the settings
+    import threading
+    t = threading.Thread(target=use)
+    t.start()
+    t.join()
+else:
+    use()
+during, after = seen
+libc.malloc_stats()  # glibc prints each arena ("Arena N:") to stderr
 print(json.dumps({"applied": applied, "mapped_during": during.hblkhd,
                   "free_in_heap_after": after.fordblks}))
 """
 
 
-def _probe(mode: str, **env: str) -> dict:
+def _probe(mode: str, *where: str, **env: str) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, mode],
+        [sys.executable, "-c", PROBE, mode, *where],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
     )
-    return json.loads(out.stdout)
+    return {**json.loads(out.stdout), "arenas": out.stderr.count("Arena ")}
 
 
 def test_freed_activations_stay_in_the_heap_for_reuse():
@@ -68,6 +78,7 @@ def test_freed_activations_stay_in_the_heap_for_reuse():
         "MALLOC_MMAP_THRESHOLD_": 32 << 20,
         "MALLOC_TRIM_THRESHOLD_": 2**31 - 1,
         "MALLOC_TOP_PAD_": 64 << 20,
+        "MALLOC_ARENA_MAX": 1,
     }
     assert kept["mapped_during"] < 20 << 20  # (blocks mapped by the imports before it stay)
     assert kept["free_in_heap_after"] >= 20 << 20
@@ -77,8 +88,21 @@ def test_a_users_own_allocator_setting_wins():
     # glibc reads MALLOC_MMAP_THRESHOLD_ itself at start; the tool must not override it
     kept = _probe("keep", MALLOC_MMAP_THRESHOLD_=str(1 << 20))
     assert "MALLOC_MMAP_THRESHOLD_" not in kept["applied"]
-    assert set(kept["applied"]) == {"MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"}
+    assert set(kept["applied"]) == {"MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX"}
     assert kept["mapped_during"] >= 20 << 20  # the user's 1 MB threshold still maps it
+    tuned = _probe("keep", GLIBC_TUNABLES="glibc.malloc.mmap_threshold=1048576")
+    assert tuned["applied"] == {}
+    assert tuned["mapped_during"] >= 20 << 20
+
+
+def test_a_thread_started_after_it_uses_the_main_heap():
+    # the block is malloc'd and freed on a new thread (as a model actor's compute thread is):
+    # by default the thread gets an arena of its own, which may hand emptied heaps back
+    default, kept = _probe("default", "thread"), _probe("keep", "thread")
+    assert default["arenas"] == 2
+    assert kept["arenas"] == 1
+    assert kept["mapped_during"] < 20 << 20
+    assert kept["free_in_heap_after"] >= 20 << 20
 
 
 def test_the_cli_process_keeps_its_heap(monkeypatch, tmp_path):
