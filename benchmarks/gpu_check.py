@@ -31,6 +31,7 @@ import math
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -231,12 +232,11 @@ def cycle_medians(history: Path) -> dict[str, float | None]:
     import pyarrow.parquet as pq
 
     rows = pq.read_table(history).to_pylist()
-    energy = sorted(r["energy_seconds"] for r in rows)
     ends = [r["seconds"] for r in rows]
-    cycles = sorted(b - a for a, b in zip(ends, ends[1:], strict=False))
+    cycles = [b - a for a, b in zip(ends, ends[1:], strict=False)]
     return {
-        "energy_s_median": energy[len(energy) // 2] if energy else None,
-        "cycle_s_median": cycles[len(cycles) // 2] if cycles else None,
+        "energy_s_median": statistics.median(r["energy_seconds"] for r in rows) if rows else None,
+        "cycle_s_median": statistics.median(cycles) if cycles else None,
     }
 
 
