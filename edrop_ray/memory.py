@@ -12,9 +12,15 @@ __all__ = ["keep_heap_memory", "HEAP_SETTINGS"]
 
 # glibc's mallopt parameters (malloc.h) and the values this tool's processes use; each is
 # left alone when its environment variable (MALLOC_TRIM_THRESHOLD_, ...) is set.
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -3, -4, -8
 HEAP_SETTINGS = {
-    "MALLOC_MMAP_THRESHOLD_": (_M_MMAP_THRESHOLD, 32 << 20),  # glibc's largest allowed
+    # no block is mapped on its own, however large: activations over 32 MB (glibc's largest
+    # threshold) come from the heap too. In process, a ResNet-18 32 px forward pass of 128
+    # samples (an evaluator's share of the default config) faulted 35,000 pages a call with the
+    # threshold alone, 65,000 on a thread that found other arenas already made (as an actor's
+    # does), and none with this; 7-18 % faster a call
+    "MALLOC_MMAP_MAX_": (_M_MMAP_MAX, 0),
+    "MALLOC_MMAP_THRESHOLD_": (_M_MMAP_THRESHOLD, 32 << 20),  # glibc's largest (if mapping is on)
     "MALLOC_TRIM_THRESHOLD_": (_M_TRIM_THRESHOLD, 2**31 - 1),  # mallopt's largest (an int)
     "MALLOC_TOP_PAD_": (_M_TOP_PAD, 64 << 20),
     # threads started from now on (a model actor's compute thread) share the main heap: in
@@ -30,12 +36,13 @@ def keep_heap_memory() -> dict[str, int]:
     torch's CPU tensors come straight from ``malloc``. With glibc's defaults the activations of
     every forward pass (up to tens of MB each) are returned to the kernel when freed (the heap
     is trimmed, or they were mapped on their own) and fault in again, zeroed page by page, on
-    the next pass. Here: blocks up to 32 MB come from the heap, the heap is never trimmed below
-    2 GB, and it grows 64 MB at a time. A process keeps its peak heap until it exits.
+    the next pass. Here: every block comes from a heap, however large (none is mapped on its
+    own), a heap is never trimmed below 2 GB, and it grows 64 MB at a time. A process keeps its
+    peak heap until it exits.
 
     Threads started after the call allocate from the main heap too (one arena), where no other
-    arena exists yet. Blocks over 32 MB (glibc's limit; a ResNet-18 32 px activation of 256
-    samples is 64 MB) are still mapped and unmapped.
+    arena exists yet; a thread that gets one of the arenas made before (a Ray worker's threads
+    make theirs before an actor's constructor runs) keeps its freed blocks there as well.
 
     Called by the processes this tool owns (the CLI, the Ray actors, Tune trials), never by the
     Python API in a user's process. A no-op off glibc, and for each setting the user made

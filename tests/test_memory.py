@@ -1,8 +1,9 @@
 """The tool's processes keep freed CPU memory in their heap (edrop_ray.memory).
 
 Each probe runs in a fresh interpreter: glibc's settings are per process and this one's heap has
-a history. The probe mallocs a 20 MB block (the size of an activation of a CPU energy pass),
-writes it, frees it, and reads glibc's own counters (mallinfo2)."""
+a history. The probe mallocs a block (20 MB, or 64 MB: activations of a CPU energy pass, below
+and above glibc's largest mapping threshold), writes it, frees it, and reads glibc's own
+counters (mallinfo2)."""
 
 from __future__ import annotations
 
@@ -31,23 +32,35 @@ libc.mallinfo2.restype = Info
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 applied = None
+if sys.argv[3] == "late-thread":
+    # threads that allocate before the settings, as a Ray worker's do before the actor's
+    # constructor runs: each makes an arena of its own, which a later thread may be given
+    import threading, time
+    hold = threading.Event()
+    def early():
+        libc.free(libc.malloc(1 << 16))
+        hold.wait()
+    early_threads = [threading.Thread(target=early, daemon=True) for _ in range(4)]
+    for t in early_threads:
+        t.start()
+    time.sleep(0.2)
 if sys.argv[1] == "keep":
     from edrop_ray.memory import keep_heap_memory
     applied = keep_heap_memory()
-size, seen = 20 << 20, []
+size, where, seen = int(sys.argv[2]) << 20, sys.argv[3], []
 def use():
     block = libc.malloc(size)
     ctypes.memset(block, 1, size)
     seen.append(libc.mallinfo2())
     libc.free(block)
     seen.append(libc.mallinfo2())
-if len(sys.argv) > 2:  # on a thread started after the settings
-    import threading
+import threading
+if where == "main":
+    use()
+else:  # on a thread started after the settings
     t = threading.Thread(target=use)
     t.start()
     t.join()
-else:
-    use()
 during, after = seen
 libc.malloc_stats()  # glibc prints each arena ("Arena N:") to stderr
 print(json.dumps({"applied": applied, "mapped_during": during.hblkhd,
@@ -55,9 +68,9 @@ print(json.dumps({"applied": applied, "mapped_during": during.hblkhd,
 """
 
 
-def _probe(mode: str, *where: str, **env: str) -> dict:
+def _probe(mode: str, size_mb: int = 20, where: str = "main", **env: str) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, mode, *where],
+        [sys.executable, "-c", PROBE, mode, str(size_mb), where],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
@@ -75,6 +88,7 @@ def test_freed_activations_stay_in_the_heap_for_reuse():
     assert default["free_in_heap_after"] < 20 << 20
     # kept: it came from the heap, and the heap still holds it after the free
     assert kept["applied"] == {
+        "MALLOC_MMAP_MAX_": 0,
         "MALLOC_MMAP_THRESHOLD_": 32 << 20,
         "MALLOC_TRIM_THRESHOLD_": 2**31 - 1,
         "MALLOC_TOP_PAD_": 64 << 20,
@@ -85,10 +99,15 @@ def test_freed_activations_stay_in_the_heap_for_reuse():
 
 
 def test_a_users_own_allocator_setting_wins():
-    # glibc reads MALLOC_MMAP_THRESHOLD_ itself at start; the tool must not override it
-    kept = _probe("keep", MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+    # glibc reads MALLOC_MMAP_THRESHOLD_ itself at start; the tool must not override it (nor
+    # turn mapping off under it)
+    kept = _probe("keep", MALLOC_MMAP_THRESHOLD_=str(1 << 20), MALLOC_MMAP_MAX_="65536")
     assert "MALLOC_MMAP_THRESHOLD_" not in kept["applied"]
-    assert set(kept["applied"]) == {"MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX"}
+    assert set(kept["applied"]) == {
+        "MALLOC_TRIM_THRESHOLD_",
+        "MALLOC_TOP_PAD_",
+        "MALLOC_ARENA_MAX",
+    }
     assert kept["mapped_during"] >= 20 << 20  # the user's 1 MB threshold still maps it
     tuned = _probe("keep", GLIBC_TUNABLES="glibc.malloc.mmap_threshold=1048576")
     assert tuned["applied"] == {}
@@ -98,7 +117,7 @@ def test_a_users_own_allocator_setting_wins():
 def test_a_thread_started_after_it_uses_the_main_heap():
     # the block is malloc'd and freed on a new thread (as a model actor's compute thread is):
     # by default the thread gets an arena of its own, which may hand emptied heaps back
-    default, kept = _probe("default", "thread"), _probe("keep", "thread")
+    default, kept = _probe("default", where="thread"), _probe("keep", where="thread")
     assert default["arenas"] == 2
     assert kept["arenas"] == 1
     assert kept["mapped_during"] < 20 << 20
@@ -110,3 +129,22 @@ def test_the_cli_process_keeps_its_heap(monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "keep_heap_memory", lambda: calls.append(1) or {})
     assert cli.main(["resume", str(tmp_path / "no-such-run")]) == 2  # a one-line error
     assert calls == [1]
+
+
+def test_blocks_above_the_largest_mapping_threshold_stay_in_the_heap_too():
+    # 64 MB: a ResNet-18 32 px activation of 256 samples, over glibc's 32 MB threshold ceiling
+    default, kept = _probe("default", 64), _probe("keep", 64)
+    assert default["mapped_during"] >= 64 << 20
+    assert kept["mapped_during"] < 64 << 20
+    assert kept["free_in_heap_after"] >= 64 << 20
+
+
+def test_a_thread_that_finds_arenas_already_made_keeps_its_blocks():
+    # Ray's worker threads make arenas before the actor's constructor calls keep_heap_memory;
+    # the compute thread started later may be handed one of them
+    default = _probe("default", 64, "late-thread")
+    kept = _probe("keep", 64, "late-thread")
+    assert default["arenas"] >= 5  # the main one and the early threads' (glibc's defaults)
+    assert default["mapped_during"] >= 64 << 20
+    assert kept["mapped_during"] < 64 << 20
+    assert kept["free_in_heap_after"] >= 64 << 20
