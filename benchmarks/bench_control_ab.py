@@ -32,13 +32,13 @@ sys.path.insert(0, os.path.join(sys.argv[1], "benchmarks"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray, torch
 import bench_scale
-from edrop_ray.cluster import PRIVATE_INSTANCE
+from edrop_ray.cluster import start_private_instance
 torch.set_num_threads(1)
 load, model = bench_scale.load_config, sys.argv[3]
 bench_scale.load_config = lambda path, over: load(  # the same model in both checkouts
     path, [f"model={model}" if o.startswith("model=") else o for o in over])
 args = argparse.Namespace(seed=0)
-ray.init(num_cpus=4, **PRIVATE_INSTANCE)
+start_private_instance(num_cpus=4)
 try:
     out = {n: bench_scale.measure_control(int(n), args)["wall_s"] for n in sys.argv[2].split(",")}
 finally:

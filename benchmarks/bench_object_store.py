@@ -20,7 +20,7 @@ import warnings
 import ray
 import torch
 
-from edrop_ray.cluster import PRIVATE_INSTANCE
+from edrop_ray.cluster import start_private_instance
 from edrop_ray.distributed.transport import FlatWeights
 from edrop_ray.models import build_model
 
@@ -63,7 +63,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=8)
     args = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, **PRIVATE_INSTANCE)
+    start_private_instance(num_cpus=2)
     try:
         source = ray.remote(Source).remote(args.model)
         sink = ray.remote(Sink).remote(args.model)

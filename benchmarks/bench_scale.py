@@ -75,7 +75,7 @@ from pathlib import Path
 import torch
 from _common import add_common_args, cpu_seconds, csv, emit
 
-from edrop_ray.cluster import PRIVATE_INSTANCE
+from edrop_ray.cluster import start_private_instance
 from edrop_ray.config import load_config
 from edrop_ray.distributed.transport import FlatWeights, GroupMember
 from edrop_ray.files import pack_rows, unpack_rows
@@ -521,7 +521,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    ray.init(num_cpus=4, **PRIVATE_INSTANCE)
+    start_private_instance(num_cpus=4)
     rows = []
     controls: dict[int, dict[str, float]] = {}
     try:

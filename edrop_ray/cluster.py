@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["connect_ray", "PRIVATE_INSTANCE"]
+__all__ = ["connect_ray", "PRIVATE_INSTANCE", "start_private_instance"]
 
 # How a private instance starts: no dashboard, workers' logs kept in Ray's session folder.
 # Ray's workers keep its default niceness (15): at nice 0 the actors booted during a CPU dense
@@ -33,5 +33,26 @@ def connect_ray(address: str | None, *, num_cpus: int, logging_level: int | None
     if address:
         ray.init(address=address, log_to_driver=False, **logging)
         return False
-    ray.init(num_cpus=num_cpus, **PRIVATE_INSTANCE, **logging)
+    start_private_instance(num_cpus, **logging)
     return True
+
+
+def start_private_instance(num_cpus: int, **options) -> None:
+    """``ray.init`` a new instance on this machine, as the tool starts its own (the tests and
+    benchmarks too): :data:`PRIVATE_INSTANCE`, and Ray's processes started with
+    :func:`~edrop_ray.memory.worker_environment` (the driver's environment is left as it was)."""
+    import ray
+
+    from .memory import worker_environment
+
+    env = worker_environment()
+    before = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)  # the raylet copies it, and starts the workers with it
+    try:
+        ray.init(num_cpus=num_cpus, **PRIVATE_INSTANCE, **options)
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-__all__ = ["keep_heap_memory", "HEAP_SETTINGS"]
+__all__ = ["keep_heap_memory", "HEAP_SETTINGS", "worker_environment"]
 
 # glibc's mallopt parameters (malloc.h) and the values this tool's processes use; each is
 # left alone when its environment variable (MALLOC_TRIM_THRESHOLD_, ...) is set.
@@ -28,6 +28,10 @@ HEAP_SETTINGS = {
     # pages, against 11,000-18,000 in the main heap
     "MALLOC_ARENA_MAX": (_M_ARENA_MAX, 1),
 }
+
+
+def _user_tuned_glibc() -> bool:
+    return "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
 
 
 def keep_heap_memory() -> dict[str, int]:
@@ -56,7 +60,7 @@ def keep_heap_memory() -> dict[str, int]:
     except (OSError, AttributeError):
         return {}
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+    if _user_tuned_glibc():
         return {}  # the user tuned glibc's allocator: theirs wins
     applied = {}
     for name, (param, value) in HEAP_SETTINGS.items():
@@ -65,3 +69,22 @@ def keep_heap_memory() -> dict[str, int]:
         if mallopt(param, value) == 1:
             applied[name] = value
     return applied
+
+
+def worker_environment() -> dict[str, str]:
+    """Environment for the processes of a Ray instance this tool starts on this machine (its
+    workers inherit the raylet's): one malloc arena from each process's first thread on.
+
+    :func:`keep_heap_memory` runs in an actor's constructor, after Ray's threads made arenas of
+    their own; the compute thread is then handed one of those, whose emptied heaps glibc maps
+    afresh (an evaluator faulted about 20,000 pages a second through a run, against none with
+    this). Empty off glibc, or when the user set ``MALLOC_ARENA_MAX`` or a ``glibc.malloc``
+    tunable (theirs reach the workers as they are).
+    """
+    try:
+        ctypes.CDLL(None).gnu_get_libc_version  # noqa: B018 (glibc only)
+    except (OSError, AttributeError):
+        return {}
+    if _user_tuned_glibc() or "MALLOC_ARENA_MAX" in os.environ:
+        return {}
+    return {"MALLOC_ARENA_MAX": "1"}

@@ -34,9 +34,9 @@ class _SharedRay:
         import ray
 
         if not (self.started and ray.is_initialized()):
-            from edrop_ray.cluster import PRIVATE_INSTANCE
+            from edrop_ray.cluster import start_private_instance
 
-            ray.init(num_cpus=4, **PRIVATE_INSTANCE)  # as edrop_ray starts its own
+            start_private_instance(num_cpus=4)  # as edrop_ray starts its own
             self.started = True
         return ray.get_runtime_context().gcs_address
 

@@ -15,7 +15,10 @@ import sys
 
 import pytest
 
-from edrop_ray import cli
+from edrop_ray import cli, cluster
+from edrop_ray.memory import worker_environment
+
+SHARED_RAY = True  # the actor test runs on the session's Ray instance (tests/conftest.py)
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "mallinfo2"),
@@ -148,3 +151,73 @@ def test_a_thread_that_finds_arenas_already_made_keeps_its_blocks():
     assert default["mapped_during"] >= 64 << 20
     assert kept["mapped_during"] < 64 << 20
     assert kept["free_in_heap_after"] >= 64 << 20
+
+
+def test_ray_workers_start_with_one_arena_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert worker_environment() == {"MALLOC_ARENA_MAX": "1"}
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert worker_environment() == {}
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert worker_environment() == {}
+
+
+def test_a_private_instance_gets_it_and_the_driver_keeps_its_environment(monkeypatch):
+    import ray
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    seen = {}
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(os.environ))
+    cluster.start_private_instance(num_cpus=1)
+    assert seen["MALLOC_ARENA_MAX"] == "1"  # what the raylet, and so every worker, inherits
+    assert "MALLOC_ARENA_MAX" not in os.environ
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "3")  # the user's: passed on as it is
+    cluster.start_private_instance(num_cpus=1)
+    assert seen["MALLOC_ARENA_MAX"] == "3"
+    assert os.environ["MALLOC_ARENA_MAX"] == "3"
+
+
+def test_an_actors_compute_thread_keeps_its_blocks_on_a_private_instance(ray_cluster):
+    # In a Ray worker, Ray's threads have made arenas before the actor's constructor runs; a
+    # thread started later (an actor's compute thread) was handed one of them, and its blocks
+    # over 64 MB were mapped afresh on every use. On the tool's private instance (as the
+    # session's is started) the workers run with one arena from the start.
+    import ray
+
+    class Probe:
+        def __init__(self):
+            from edrop_ray.memory import keep_heap_memory
+
+            keep_heap_memory()  # as the trainer and the evaluators do
+
+        def faults_of_a_second_use(self, size: int) -> tuple[str | None, int]:
+            import resource
+            import threading
+
+            libc = ctypes.CDLL(None)
+            libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+            libc.free.argtypes = [ctypes.c_void_p]
+            faults = []
+
+            def use():
+                for _ in range(2):
+                    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+                    block = libc.malloc(size)
+                    ctypes.memset(block, 1, size)
+                    libc.free(block)
+                    faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+
+            t = threading.Thread(target=use)
+            t.start()
+            t.join()
+            return os.environ.get("MALLOC_ARENA_MAX"), faults[1]
+
+    probe = ray.remote(num_cpus=0)(Probe).remote()
+    try:
+        arena_max, faults = ray.get(probe.faults_of_a_second_use.remote(80 << 20), timeout=120)
+    finally:
+        ray.kill(probe)
+    assert arena_max == "1"
+    assert faults < 1000  # 80 MB is 20,480 pages: faulted in again, had it been handed back
