@@ -17,8 +17,7 @@ HEAP_SETTINGS = {
     # no block is mapped on its own, however large: activations over 32 MB (glibc's largest
     # threshold) come from the heap too. In process, a ResNet-18 32 px forward pass of 128
     # samples (an evaluator's share of the default config) faulted 35,000 pages a call with the
-    # threshold alone, 65,000 on a thread that found other arenas already made (as an actor's
-    # does), and none with this; 7-18 % faster a call
+    # threshold alone and none with this; 7 % faster a call
     "MALLOC_MMAP_MAX_": (_M_MMAP_MAX, 0),
     "MALLOC_MMAP_THRESHOLD_": (_M_MMAP_THRESHOLD, 32 << 20),  # glibc's largest (if mapping is on)
     "MALLOC_TRIM_THRESHOLD_": (_M_TRIM_THRESHOLD, 2**31 - 1),  # mallopt's largest (an int)
@@ -45,8 +44,10 @@ def keep_heap_memory() -> dict[str, int]:
     peak heap until it exits.
 
     Threads started after the call allocate from the main heap too (one arena), where no other
-    arena exists yet; a thread that gets one of the arenas made before (a Ray worker's threads
-    make theirs before an actor's constructor runs) keeps its freed blocks there as well.
+    arena exists yet. Where threads made arenas before the call (a Ray worker's do, before an
+    actor's constructor runs), a later thread may be handed one of those, which still maps
+    blocks too large for its 64 MB heaps and drops its emptied heaps: such processes need one
+    arena from their start (:func:`worker_environment`).
 
     Called by the processes this tool owns (the CLI, the Ray actors, Tune trials), never by the
     Python API in a user's process. A no-op off glibc, and for each setting the user made
