@@ -45,14 +45,10 @@ def start_private_instance(num_cpus: int, **options) -> None:
 
     from .memory import worker_environment
 
-    env = worker_environment()
-    before = {name: os.environ.get(name) for name in env}
+    env = worker_environment()  # only variables the driver's environment does not set
     os.environ.update(env)  # the raylet copies it, and starts the workers with it
     try:
         ray.init(num_cpus=num_cpus, **PRIVATE_INSTANCE, **options)
     finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        for name in env:
+            del os.environ[name]

@@ -29,8 +29,17 @@ HEAP_SETTINGS = {
 }
 
 
-def _user_tuned_glibc() -> bool:
-    return "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+def _glibc() -> ctypes.CDLL | None:
+    """This process's C library, where it is glibc (musl and macOS lack ``gnu_get_libc_version``)
+    and the user left its allocator's tunables alone; else None."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return None  # the user tuned glibc's allocator: theirs wins
+    return libc
 
 
 def keep_heap_memory() -> dict[str, int]:
@@ -54,15 +63,11 @@ def keep_heap_memory() -> dict[str, int]:
     (its environment variable, or any ``glibc.malloc`` tunable in ``GLIBC_TUNABLES``: then
     none). Returns the settings applied, by name.
     """
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 (glibc only; musl and macOS lack it)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         return {}
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if _user_tuned_glibc():
-        return {}  # the user tuned glibc's allocator: theirs wins
     applied = {}
     for name, (param, value) in HEAP_SETTINGS.items():
         if name in os.environ:
@@ -82,10 +87,6 @@ def worker_environment() -> dict[str, str]:
     this). Empty off glibc, or when the user set ``MALLOC_ARENA_MAX`` or a ``glibc.malloc``
     tunable (theirs reach the workers as they are).
     """
-    try:
-        ctypes.CDLL(None).gnu_get_libc_version  # noqa: B018 (glibc only)
-    except (OSError, AttributeError):
-        return {}
-    if _user_tuned_glibc() or "MALLOC_ARENA_MAX" in os.environ:
+    if _glibc() is None or "MALLOC_ARENA_MAX" in os.environ:
         return {}
     return {"MALLOC_ARENA_MAX": "1"}
