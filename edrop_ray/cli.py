@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from .cluster import start_ahead, stop_ahead
 from .errors import RunInterrupted, UserError
 from .memory import keep_heap_memory
 
@@ -124,6 +125,7 @@ def _run(args: argparse.Namespace) -> int:
         from . import store
 
         store.check_out(out, overwrite=args.overwrite)  # answered before torch is imported
+        start_ahead(cfg)  # on Ray, a private instance boots while this process goes on
         from . import job  # heavy imports (torch, torchvision) only once the input is good
 
         validate(cfg)  # the model and dataset names: their registries import torchvision
@@ -212,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edrop-ray: interrupted", file=sys.stderr)
         return 130
+    finally:
+        stop_ahead()  # a Ray started ahead that no run took (the run failed before it)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ in-process objects. The driver's loop is therefore the very same loop as the loc
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
@@ -47,13 +46,9 @@ def connect(cfg: Config) -> bool:
 
     Returns True when this call started Ray (and so should stop it at the end).
     """
-    from ..cluster import connect_ray
+    from ..cluster import connect_ray, prune_instance
 
-    # A private instance on this machine: the trainer and the evaluators take turns (train, then
-    # judge), so they may share the cores: advertise enough logical CPUs for all of them.
-    n = cfg.num_evaluators or 2
-    need = n * cfg.cpus_per_evaluator + (cfg.trainer_cpus or os.cpu_count() or 1)
-    return connect_ray(cfg.ray_address, num_cpus=max(os.cpu_count() or 1, math.ceil(need)))
+    return connect_ray(cfg.ray_address, **prune_instance(cfg))
 
 
 def plan_resources(cfg: Config, cluster: dict[str, float]) -> tuple[int, float, float]:

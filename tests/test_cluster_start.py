@@ -1,0 +1,158 @@
+"""A prune on Ray starts its private instance ahead, on a thread, with preloaded workers.
+
+``edrop-ray prune`` starts Ray while it imports torch and reads the data (``cluster.start_ahead``),
+and the instance's workers import torch and the actors' modules before they are asked for an
+actor (``cluster.PRELOAD``). The thread that started Ray must outlive the run: Ray's processes
+die with it (a parent-death signal).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from edrop_ray import cli, cluster
+from edrop_ray.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, RAY_AUTH_MODE="disabled")
+ENV.pop("RAY_ADDRESS", None)
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """start_private_instance replaced by a recorder (no Ray starts); the SIGTERM handler and the
+    start ahead are reset after the test."""
+    import ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(cluster, "start_private_instance", lambda n, **kw: calls.append((n, kw)))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    handler = signal.getsignal(signal.SIGTERM)
+    yield calls
+    cluster.stop_ahead()
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _cfg(*overrides):
+    return load_config(None, ["backend=ray", *overrides], names=False)
+
+
+def test_nothing_starts_ahead_for_a_local_run_or_a_cluster(stand_in, monkeypatch):
+    assert not cluster.start_ahead(_cfg("backend=local"))
+    assert not cluster.start_ahead(_cfg("ray_address=127.0.0.1:6379"))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert not cluster.start_ahead(_cfg())
+    assert stand_in == []
+
+
+def test_the_run_takes_the_instance_started_ahead(stand_in):
+    cfg = _cfg("num_evaluators=3", "cpus_per_evaluator=1", "trainer_cpus=2")
+    assert cluster.start_ahead(cfg)
+    with pytest.raises(SystemExit):  # Ray's handler (exit, so Ray stops), set on this thread
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+    thread = cluster._AHEAD["thread"]
+    assert cluster.connect_ray(None, **cluster.prune_instance(cfg)) is True  # started by us
+    assert stand_in == [(max(os.cpu_count() or 1, 5), {"workers": 5})]  # one start, 3 + 2
+    assert thread.is_alive()  # Ray's processes live as long as the thread that started them
+    cluster.stop_ahead()
+    assert not thread.is_alive() and "thread" not in cluster._AHEAD
+
+
+def test_a_failed_start_ahead_fails_the_run_in_the_main_thread(stand_in, monkeypatch):
+    def fail(n, **kw):
+        raise RuntimeError("no room for Ray")
+
+    monkeypatch.setattr(cluster, "start_private_instance", fail)
+    assert cluster.start_ahead(_cfg())
+    with pytest.raises(RuntimeError, match="no room for Ray"):
+        cluster.connect_ray(None, num_cpus=4, workers=4)
+
+
+def test_a_ray_no_run_took_is_stopped(stand_in, monkeypatch):
+    import ray
+
+    stopped = []
+    assert cluster.start_ahead(_cfg())
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "shutdown", lambda: stopped.append(thread.is_alive()))
+    thread = cluster._AHEAD["thread"]
+    cluster.stop_ahead()
+    assert stopped == [True]  # stopped while the thread lived, then the thread ended
+    assert not thread.is_alive()
+
+
+def test_the_command_stops_it_when_the_run_fails_first(stand_in, tmp_path, capsys):
+    # an unknown model is refused after the start ahead (its registry imports torchvision)
+    out = tmp_path / "run"
+    rc = cli.main(["prune", "--backend", "ray", "--set", "model=nosuchnet", "--out", str(out)])
+    assert rc == 2 and "nosuchnet" in capsys.readouterr().err
+    assert len(stand_in) == 1  # it had started ahead...
+    assert "thread" not in cluster._AHEAD  # ...and the command ended it
+    assert not out.exists()
+    assert not [t for t in threading.enumerate() if t.name == "edrop-ray-start"]
+
+
+def test_the_preloaded_modules_leave_cuda_alone():
+    # a worker imports them before Ray gives it its GPU; CUDA read then would pin the wrong one
+    code = (
+        "import torch\n"
+        "def refuse(*a, **k):\n"
+        "    raise SystemExit('CUDA touched on import')\n"
+        "for name in ('is_available', 'device_count', 'init', '_lazy_init', 'current_device',\n"
+        "             'get_device_name', 'get_device_properties', 'set_device'):\n"
+        "    setattr(torch.cuda, name, refuse)\n"
+        "import importlib\n"
+        f"for m in {cluster.PRELOAD!r}:\n"
+        "    importlib.import_module(m)\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env=ENV)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_a_real_start_ahead_serves_the_run_with_preloaded_workers():
+    # A fresh process, as the command is: Ray started on the thread, then used from the main
+    # thread after the thread's ray.init returned. Had the thread ended, Ray's processes would
+    # have died with it and the calls below would fail.
+    code = """
+import json, sys, time
+import ray
+from edrop_ray import cluster
+from edrop_ray.config import load_config
+
+cfg = load_config(None, ["backend=ray", "num_evaluators=1", "cpus_per_evaluator=1",
+                         "trainer_cpus=1"], names=False)
+assert cluster.start_ahead(cfg)
+assert cluster.connect_ray(None, **cluster.prune_instance(cfg))
+time.sleep(2)
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def seen(self):
+        return sorted(m for m in sys.modules if m.startswith(("torch", "edrop_ray.distributed")))
+
+probe = Probe.remote()
+seen = ray.get(probe.seen.remote(), timeout=120)
+alive = cluster._AHEAD["thread"].is_alive()
+cluster.stop_ahead()
+print(json.dumps({"seen": seen, "alive": alive, "up": ray.is_initialized()}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=240, cwd=ROOT, env=ENV)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    # the probe's class imports nothing: what it sees, the worker had imported before
+    for name in cluster.PRELOAD:
+        assert name in out["seen"], name
+    assert out["alive"] and not out["up"]
+    assert "SIGTERM handler is not set" not in proc.stderr  # the thread's warning is dropped
