@@ -136,7 +136,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.verb == "resume":
         from . import store
 
-        store.open_resumable(args.run_dir)  # answered before torch is imported
+        run_dir = store.open_resumable(args.run_dir)  # answered before torch is imported
+        _start_ahead_from(run_dir / "config.yaml")
         from . import job
 
         job.resume(args.run_dir, quiet=args.quiet)
@@ -167,6 +168,19 @@ def _run(args: argparse.Namespace) -> int:
 
         return getattr(inspect_run, f"{args.verb}_cli")(args)
     raise AssertionError(args.verb)
+
+
+def _start_ahead_from(config_file: Path) -> None:
+    """:func:`start_ahead` for a run's own config file (the checkpoint's config, which resume
+    checks it against); a file that does not read leaves it to resume to say so."""
+    from .config import load_config
+
+    try:
+        cfg = load_config(config_file, names=False)
+    except (UserError, OSError):
+        return
+    if not cfg.model.startswith("custom:"):  # resume refuses those (a network from Python)
+        start_ahead(cfg)
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:

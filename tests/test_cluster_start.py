@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,41 @@ print(json.dumps({"seen": seen, "alive": alive, "up": ray.is_initialized()}))
         assert name in out["seen"], name
     assert out["alive"] and not out["up"]
     assert "SIGTERM handler is not set" not in proc.stderr  # the thread's warning is dropped
+
+
+def test_start_ahead_from_a_runs_config_file(stand_in, tmp_path):
+    (tmp_path / "config.yaml").write_text("backend: ray\nnum_evaluators: 1\n")
+    cli._start_ahead_from(tmp_path / "config.yaml")
+    assert len(stand_in) == 1 and stand_in[0][1] == {"workers": 3}
+    cluster.stop_ahead()
+    (tmp_path / "config.yaml").write_text("backend: [ray\n")  # unreadable: resume says so later
+    cli._start_ahead_from(tmp_path / "config.yaml")
+    assert len(stand_in) == 1 and "thread" not in cluster._AHEAD
+
+
+def test_a_prune_killed_and_resumed_on_private_instances(tmp_path):
+    # The command as a user runs it, with no cluster: Ray starts ahead in prune, and again in
+    # resume (from the run's config.yaml). The driver is killed after its first checkpoint.
+    tiny = ROOT / "configs" / "tiny.yaml"
+    out = tmp_path / "run"
+    sets = ["cpu_threads=1", "num_evaluators=2", "trainer_cpus=1", "backend=ray"]
+    cmd = [sys.executable, "-m", "edrop_ray", "prune", "--config", str(tiny), "--out", str(out),
+           "--quiet", *[a for s in sets for a in ("--set", s)]]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoint.pt").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # the pid this test started
+    finally:
+        proc.wait(timeout=60)
+    assert not (out / "report.json").exists(), "the run finished before it could be stopped"
+    resume = [sys.executable, "-m", "edrop_ray", "resume", str(out), "--quiet"]
+    done = subprocess.run(resume, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "SIGTERM handler is not set" not in done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["backend"] == "ray" and report["params_pruned"] < report["params_dense"]
