@@ -5,11 +5,11 @@ a Tune sweep (:mod:`edrop_ray.tune`), attach the same way: to Ray if it is alrea
 process, else to the given address (the config's ``ray_address``, else ``RAY_ADDRESS``), else to a
 new private instance on this machine (no dashboard; logs stay in Ray's session folder).
 
-``edrop-ray prune`` starts that private instance ahead (:func:`start_ahead`): on a thread, while
-the command imports torch, reads the data and builds the model, so that Ray's processes and the
-actors' worker processes (which import torch and the actors' modules before they are asked for,
-:data:`PRELOAD`) boot on the cores the command leaves idle. :func:`connect_ray` then takes that
-instance instead of starting one.
+``edrop-ray prune`` and ``resume`` start that private instance ahead (:func:`start_ahead`): on a
+thread, while the command imports torch, reads the data and builds the model, so that Ray's
+processes and the actors' worker processes (which import torch and the actors' modules before
+they are asked for, :data:`PRELOAD`) boot on the cores the command leaves idle.
+:func:`connect_ray` then takes that instance instead of starting one.
 """
 
 from __future__ import annotations
