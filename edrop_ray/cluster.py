@@ -97,8 +97,9 @@ def start_private_instance(num_cpus: int, *, workers: int | None = None, **optio
     :func:`~edrop_ray.memory.worker_environment` (the driver's environment is left as it was).
 
     ``workers``: how many worker processes Ray starts with the instance (at most ``num_cpus``),
-    each importing :data:`PRELOAD` before it takes an actor; later workers import it too. None:
-    Ray's own start (as many as there are cores, importing nothing).
+    each importing :data:`PRELOAD` before it takes an actor, and kept until one does; later
+    workers import it too. None: Ray's own start (as many as there are cores, importing
+    nothing).
     """
     import ray
 
@@ -106,10 +107,15 @@ def start_private_instance(num_cpus: int, *, workers: int | None = None, **optio
 
     if workers is not None:
         # Ray starts min(num_cpus, startup concurrency) workers as the driver connects, and
-        # every worker imports preload_python_modules before it takes a task or an actor
+        # every worker imports preload_python_modules before it takes a task or an actor.
+        # Ray keeps at most num_workers_soft_limit idle workers, by default as many as there
+        # are CPUs *available*: a placement group's bundles count as taken, so the evaluators'
+        # group made Ray kill two of the four workers started for the trainer and the
+        # coordinator, which then waited for new ones (torch imported again, 2-3 s more).
         options["_system_config"] = {
             "preload_python_modules": list(PRELOAD),
             "worker_maximum_startup_concurrency": max(1, workers),
+            "num_workers_soft_limit": max(1, workers),
         }
     env = worker_environment()  # only variables the driver's environment does not set
     os.environ.update(env)  # the raylet copies it, and starts the workers with it

@@ -121,40 +121,70 @@ def test_the_preloaded_modules_leave_cuda_alone():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
-def test_a_real_start_ahead_serves_the_run_with_preloaded_workers():
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process start times")
+def test_a_real_start_ahead_serves_every_actor_from_a_preloaded_worker():
     # A fresh process, as the command is: Ray started on the thread, then used from the main
     # thread after the thread's ray.init returned. Had the thread ended, Ray's processes would
     # have died with it and the calls below would fail.
+    # The actors are asked for in the shapes and order of a prune on the default config: the
+    # evaluators' placement group first, then one evaluator per bundle, the trainer (every
+    # core) and the coordinator (no CPU). Each must take a worker started before it was asked
+    # for: the group leaves fewer CPUs available, and by default Ray then kills the idle
+    # workers above that count, those meant for the trainer and the coordinator.
     code = """
-import json, sys, time
+import json, os, sys, time
 import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from edrop_ray import cluster
 from edrop_ray.config import load_config
 
-cfg = load_config(None, ["backend=ray", "num_evaluators=1", "cpus_per_evaluator=1",
-                         "trainer_cpus=1"], names=False)
-assert cluster.start_ahead(cfg)
-assert cluster.connect_ray(None, **cluster.prune_instance(cfg))
-time.sleep(2)
+def started():  # this process's start, in clock ticks since boot
+    return int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
 
-@ray.remote(num_cpus=0)
+cfg = load_config(None, ["backend=ray", "cpus_per_evaluator=1"], names=False)
+n = cfg.num_evaluators or 2
+assert cluster.start_ahead(cfg)
+size = cluster.prune_instance(cfg)
+assert cluster.connect_ray(None, **size)
+time.sleep(3)  # the workers started with the instance have registered
+
 class Probe:
     def seen(self):
         return sorted(m for m in sys.modules if m.startswith(("torch", "edrop_ray.distributed")))
 
-probe = Probe.remote()
-seen = ray.get(probe.seen.remote(), timeout=120)
+    def started(self):
+        return started()
+
+pg = placement_group([{"CPU": 1}] * n)
+ray.get(pg.ready(), timeout=120)
+time.sleep(2)  # Ray looks for idle workers to kill several times a second
+asked = int(float(open("/proc/uptime").read().split()[0]) * os.sysconf("SC_CLK_TCK"))
+actors = [
+    ray.remote(Probe).options(num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
+        placement_group=pg, placement_group_bundle_index=i)).remote()
+    for i in range(n)
+]
+actors.append(ray.remote(Probe).options(num_cpus=size["num_cpus"] - n).remote())
+actors.append(ray.remote(Probe).options(num_cpus=0).remote())
+seen = ray.get([a.seen.remote() for a in actors], timeout=120)
+starts = ray.get([a.started.remote() for a in actors], timeout=120)
 alive = cluster._AHEAD["thread"].is_alive()
 cluster.stop_ahead()
-print(json.dumps({"seen": seen, "alive": alive, "up": ray.is_initialized()}))
+print(json.dumps({"seen": seen, "late": [s > asked for s in starts], "workers": size["workers"],
+                  "alive": alive, "up": ray.is_initialized()}))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=240, cwd=ROOT, env=ENV)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    # the probe's class imports nothing: what it sees, the worker had imported before
-    for name in cluster.PRELOAD:
-        assert name in out["seen"], name
+    assert len(out["late"]) == out["workers"] == 4
+    # every actor's process was there before the actors were asked for
+    assert out["late"] == [False] * 4
+    # the probe's class imports nothing: what each sees, its worker had imported before
+    for seen in out["seen"]:
+        for name in cluster.PRELOAD:
+            assert name in seen, name
     assert out["alive"] and not out["up"]
     assert "SIGTERM handler is not set" not in proc.stderr  # the thread's warning is dropped
 
