@@ -112,10 +112,11 @@ def start_private_instance(num_cpus: int, *, workers: int | None = None, **optio
         # are CPUs *available*: a placement group's bundles count as taken, so the evaluators'
         # group made Ray kill two of the four workers started for the trainer and the
         # coordinator, which then waited for new ones (torch imported again, 2-3 s more).
+        workers = max(1, workers)
         options["_system_config"] = {
             "preload_python_modules": list(PRELOAD),
-            "worker_maximum_startup_concurrency": max(1, workers),
-            "num_workers_soft_limit": max(1, workers),
+            "worker_maximum_startup_concurrency": workers,
+            "num_workers_soft_limit": workers,
         }
     env = worker_environment()  # only variables the driver's environment does not set
     os.environ.update(env)  # the raylet copies it, and starts the workers with it
