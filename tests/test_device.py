@@ -248,9 +248,19 @@ def test_the_actors_code_runs_on_another_device(data, monkeypatch, portable):
         # a pipelined step stages its weights for the broadcast first: on the model's device
         loss = trainer.train(states[0], stage=trainer.learner.step)
         assert trainer.member.home.flat.device == dev
+        # the state crosses Ray as numpy arrays (checkpoints, the final weights, a resume),
+        # and loads back onto the model's device
+        sd = pickle.loads(pickle.dumps(trainer.state_dict(), protocol=5))
+        assert not any(isinstance(t, torch.Tensor) for t in tree_flatten(sd)[0])
+        want_sd = trainer.learner.state_dict()
+        assert trainer.load_state_dict(sd) == trainer.learner.step == 1
+        got_sd = trainer.learner.state_dict()
+        assert trainer.learner.model.conv1.weight.device == dev
     assert shard == 3 and energies.device == CPU
     torch.testing.assert_close(energies, want, rtol=0, atol=0)
     assert loss == loss  # not NaN
+    for w, g in zip(tree_flatten(want_sd)[0], tree_flatten(got_sd)[0], strict=True):
+        assert torch.equal(w, g) if isinstance(w, torch.Tensor) else w == g
 
 
 # ------------------------------------------------------------------ bf16 autocast, channels_last

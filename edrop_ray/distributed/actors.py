@@ -27,6 +27,7 @@ from ..energy import compute_energies
 from ..files import pack_rows, unpack_rows, unpack_states
 from ..memory import keep_heap_memory
 from .transport import FlatWeights, GroupMember, free_address, rank_identity
+from .wire import pack, unpack
 
 if TYPE_CHECKING:
     from ..dataset_info import DataInfo
@@ -246,12 +247,15 @@ class Trainer:
 
     @computes
     def state_dict(self) -> dict[str, Any]:
-        return self.learner.state_dict()
+        """The learner's state, its tensors as numpy arrays (:func:`~.wire.pack`: they cross
+        Ray several times faster than tensors)."""
+        return pack(self.learner.state_dict())
 
     @computes
     def load_state_dict(self, sd: dict[str, Any]) -> int:
+        """Load a state whose tensors came as numpy arrays (:func:`~.wire.pack`)."""
         with self._lock:
-            self.learner.load_state_dict(sd)
+            self.learner.load_state_dict(unpack(sd))
             self._staged = -1
         return self.learner.step
 

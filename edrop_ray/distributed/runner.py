@@ -34,6 +34,7 @@ from .actors import CONCURRENCY_GROUPS, EVALUATOR_GROUPS, Evaluator, Trainer
 from .coordinator import Coordinator
 from .pool import InputsLost
 from .transport import choose_transport
+from .wire import pack, unpack
 
 __all__ = ["RayRuntime", "RemoteLearner", "RemoteSearch", "connect", "plan_resources"]
 
@@ -329,10 +330,11 @@ class RemoteLearner:
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        return ray.get(self.trainer.state_dict.remote(), timeout=_CONTROL_TIMEOUT_S)
+        return unpack(ray.get(self.trainer.state_dict.remote(), timeout=_CONTROL_TIMEOUT_S))
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.step = ray.get(self.trainer.load_state_dict.remote(sd), timeout=_CONTROL_TIMEOUT_S)
+        ref = self.trainer.load_state_dict.remote(pack(sd))
+        self.step = ray.get(ref, timeout=_CONTROL_TIMEOUT_S)
         self._weights, self._weights_step = None, -1
 
     def to_local(self, learner: Learner) -> Learner:
