@@ -1,10 +1,14 @@
-"""Weights through Ray's object store: a dict of tensors vs one flat fp32 array.
+"""Weights through Ray's object store: a dict of tensors vs one flat fp32 array; and the
+trainer's state (weights and momentum) to the driver: tensors vs numpy arrays.
 
 Two actors on a private local Ray instance (one thread each): the source publishes a model's
 weights, the sink fetches and loads them into its own copy, as the trainer and an evaluator do
 with ``weights_transport: object_store``. Both ways are timed alternately, ``--repeats`` times
 after a warm-up; the medians of the round trip and of the sink's fetch + load are printed, with
-their ratio. Asserts nothing.
+their ratio. Then the driver fetches the source's state dict (the model's tensors and SGD's
+momentum after one step, as at a checkpoint) as torch tensors and as
+numpy arrays (:func:`edrop_ray.distributed.wire.pack`, unpacked on arrival), alternately, with
+the medians. Asserts nothing.
 
     python benchmarks/bench_object_store.py [--model resnet18] [--repeats 8]
 """
@@ -22,6 +26,7 @@ import torch
 
 from edrop_ray.cluster import start_private_instance
 from edrop_ray.distributed.transport import FlatWeights
+from edrop_ray.distributed.wire import pack, unpack
 from edrop_ray.models import build_model
 
 
@@ -30,6 +35,13 @@ class Source:
         torch.set_num_threads(1)
         self.model = build_model(name, num_classes=10, in_channels=1)
         self.flat = FlatWeights(self.model, device=torch.device("cpu"), dtype=torch.float32)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.model(torch.randn(2, 1, 32, 32)).sum().backward()
+        self.opt.step()  # momentum buffers, as in a checkpoint
+
+    def state(self, packed: bool):
+        sd = {"model": self.as_dict(), "optimizer": self.opt.state_dict()}
+        return pack(sd) if packed else sd
 
     def as_dict(self):
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
@@ -75,6 +87,16 @@ def main() -> None:
                 load = ray.get(sink.load.remote(kind, [ref]), timeout=300)
                 if i >= 2:  # the first two are warm-up
                     times[kind].append((time.perf_counter() - t0, load))
+        states: dict[str, list[float]] = {"tensors": [], "arrays": []}
+        for i in range(args.repeats + 2):
+            for kind in states:
+                t0 = time.perf_counter()
+                got = ray.get(source.state.remote(kind == "arrays"), timeout=300)
+                if kind == "arrays":
+                    got = unpack(got)
+                if i >= 2:
+                    states[kind].append(time.perf_counter() - t0)
+                del got
     finally:
         ray.shutdown()
     med = {k: [statistics.median(x[j] for x in v) for j in (0, 1)] for k, v in times.items()}
@@ -87,6 +109,11 @@ def main() -> None:
     for k, (trip, load) in med.items():
         print(f"  {k:4s}: round trip {trip * 1e3:6.1f} ms, fetch + load {load * 1e3:6.1f} ms")
     print(f"  flat / dict round trip: {med['flat'][0] / med['dict'][0]:.2f}x")
+    st = {k: statistics.median(v) for k, v in states.items()}
+    print(f"the state (weights + momentum) to the driver, medians of {args.repeats}:")
+    for k, v in st.items():
+        print(f"  as {k:7s}: {v * 1e3:6.1f} ms")
+    print(f"  arrays / tensors: {st['arrays'] / st['tensors']:.2f}x")
 
 
 if __name__ == "__main__":
