@@ -50,12 +50,6 @@ class Packed:
     def __init__(self, array: np.ndarray):
         self.array = array
 
-    def __getstate__(self) -> np.ndarray:
-        return self.array
-
-    def __setstate__(self, array: np.ndarray) -> None:
-        self.array = array
-
 
 def _packable(t: torch.Tensor) -> bool:
     return (
